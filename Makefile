@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    set up, then train the default recipe, evaluate it and print the test accuracy
+#   make test   set up, then run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RECIPE ?= fast
+
+.PHONY: run test setup data browser clean
+
+run: setup data
+	$(PY) -m fashion_cnn train $(RECIPE)
+
+test: setup data browser
+	$(PY) -m pytest -q
+
+setup: $(VENV)/.installed
+
+# torch is pinned: 2.13.0 is the CPU build (any other version pulls a multi-GB CUDA build).
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# The dataset: Debian's package where the files are not found and apt exists.
+data:
+	@sh scripts/ensure-data.sh $(PY)
+
+# Headless Chromium for the HTML report test (Debian's package).
+browser:
+	@sh scripts/ensure-package.sh chromium chromium
+
+clean:
+	rm -rf $(VENV) .pytest_cache build src/*.egg-info

@@ -1,0 +1,211 @@
+"""Spec -> nn.Module, with Keras' initializers and per-layer regularizers.
+
+>>> from fashion_cnn.zoo import get_model_spec
+>>> model = build_model(get_model_spec("model1"))    # doctest: +SKIP
+>>> model(torch.zeros(2, 1, 28, 28)).shape           # doctest: +SKIP
+torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .spec import LayerSpec, ModelSpec, Regularizer
+
+_ACTIVATIONS = {
+    "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "elu": nn.ELU, "selu": nn.SELU,
+    "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "relu6": nn.ReLU6,
+    "softplus": nn.Softplus, "leaky_relu": lambda: nn.LeakyReLU(0.2),  # Keras' default slope
+}
+
+
+def _activation(name: str | None) -> nn.Module | None:
+    # softmax on the last layer is fused into the cross-entropy loss; None/linear is the identity.
+    if name in (None, "softmax"):
+        return None
+    return _ACTIVATIONS[name]()
+
+
+def _init(tensor: torch.Tensor, name: str, fan_in: int, fan_out: int, generator=None) -> None:
+    """Keras initializers. Conv fans count the receptive field: fan_in = kh*kw*in_channels."""
+    with torch.no_grad():
+        if name == "zeros":
+            tensor.zero_()
+        elif name == "ones":
+            tensor.fill_(1.0)
+        elif name.endswith("_uniform"):
+            scale = {"glorot": 2.0 / (fan_in + fan_out), "he": 2.0 / fan_in,
+                     "lecun": 1.0 / fan_in}.get(name.split("_")[0])
+            if scale is None:  # random_uniform: Keras' default range is +-0.05
+                tensor.uniform_(-0.05, 0.05, generator=generator)
+            else:
+                limit = math.sqrt(3.0 * scale)
+                tensor.uniform_(-limit, limit, generator=generator)
+        elif name.endswith("_normal"):
+            scale = {"glorot": 2.0 / (fan_in + fan_out), "he": 2.0 / fan_in,
+                     "lecun": 1.0 / fan_in}.get(name.split("_")[0])
+            if scale is None:  # random_normal: Keras' default stddev 0.05
+                tensor.normal_(0.0, 0.05, generator=generator)
+            else:  # Keras uses a normal truncated at 2 stddev, stddev corrected by 0.8796
+                std = math.sqrt(scale) / 0.87962566103423978
+                nn.init.trunc_normal_(tensor, 0.0, std, -2 * std, 2 * std, generator=generator)
+        else:
+            raise ValueError(name)
+
+
+class KerasConv2d(nn.Conv2d):
+    """Conv2D with Keras' 'same' padding for any stride (extra row/column at bottom/right)."""
+
+    def __init__(self, in_channels: int, spec: LayerSpec):
+        a = spec.args
+        (kh, kw), (sh, sw) = a["kernel_size"], a["strides"]
+        super().__init__(in_channels, a["filters"], (kh, kw), stride=(sh, sw), padding=0,
+                         bias=a["use_bias"])
+        self.same_pad = None
+        if a["padding"] == "same":
+            h, w = spec.input_shape[0], spec.input_shape[1]
+            pad_h = max((math.ceil(h / sh) - 1) * sh + kh - h, 0)
+            pad_w = max((math.ceil(w / sw) - 1) * sw + kw - w, 0)
+            self.same_pad = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+            if pad_h % 2 == 0 and pad_w % 2 == 0:  # symmetric: let the conv pad (faster)
+                self.padding, self.same_pad = (pad_h // 2, pad_w // 2), None
+
+    def forward(self, x):
+        if self.same_pad is not None:
+            x = F.pad(x, self.same_pad)
+        return super().forward(x)
+
+
+class Residual(nn.Module):
+    def __init__(self, body: nn.Sequential, shortcut: nn.Module, activation: nn.Module | None):
+        super().__init__()
+        self.body, self.shortcut = body, shortcut
+        self.activation = activation or nn.Identity()
+
+    def forward(self, x):
+        return self.activation(self.body(x) + self.shortcut(x))
+
+
+class Flatten(nn.Module):
+    """Flattens in (C, H, W) order. Keras flattens (H, W, C); this only matters for imported weights."""
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def _layer(spec: LayerSpec, regularized: list) -> nn.Module:
+    t, a = spec.type, spec.args
+    in_shape = spec.input_shape
+    if t == "Conv2D":
+        module = KerasConv2d(in_shape[2], spec)
+        (kh, kw), cin, cout = a["kernel_size"], in_shape[2], a["filters"]
+        _init(module.weight, a["kernel_initializer"], kh * kw * cin, kh * kw * cout)
+        if module.bias is not None:
+            _init(module.bias, a["bias_initializer"], kh * kw * cin, kh * kw * cout)
+    elif t == "Dense":
+        module = nn.Linear(in_shape[0], a["units"], bias=a["use_bias"])
+        _init(module.weight, a["kernel_initializer"], in_shape[0], a["units"])
+        if module.bias is not None:
+            _init(module.bias, a["bias_initializer"], in_shape[0], a["units"])
+    elif t in ("MaxPooling2D", "AveragePooling2D"):
+        cls = nn.MaxPool2d if t == "MaxPooling2D" else nn.AvgPool2d
+        # Keras 'same' pooling pads at the end only: ceil_mode gives the same windows.
+        module = cls(a["pool_size"], stride=a["strides"] or a["pool_size"],
+                     ceil_mode=a["padding"] == "same")
+    elif t == "Dropout":
+        module = nn.Dropout(a["rate"])
+    elif t == "SpatialDropout2D":
+        module = nn.Dropout2d(a["rate"])
+    elif t == "Flatten":
+        module = Flatten()
+    elif t == "BatchNormalization":
+        channels = in_shape[-1]
+        # Keras: moving = momentum * moving + (1 - momentum) * batch; PyTorch uses the complement.
+        # Keras normalises with the biased batch variance and updates the moving variance with
+        # the unbiased one, as PyTorch does.
+        cls = nn.BatchNorm2d if len(in_shape) == 3 else nn.BatchNorm1d
+        module = cls(channels, eps=a["epsilon"], momentum=1.0 - a["momentum"],
+                     affine=a["center"] or a["scale"])
+        if module.affine:
+            module.weight.requires_grad_(a["scale"])
+            module.bias.requires_grad_(a["center"])
+    elif t == "GlobalAveragePooling2D":
+        module = nn.Sequential(nn.AdaptiveAvgPool2d(1), Flatten())
+    elif t == "GlobalMaxPooling2D":
+        module = nn.Sequential(nn.AdaptiveMaxPool2d(1), Flatten())
+    elif t == "ZeroPadding2D":
+        (top, bottom), (left, right) = a["padding"]
+        module = nn.ZeroPad2d((left, right, top, bottom))
+    elif t == "Activation":
+        module = _activation(a["activation"]) or nn.Identity()
+    elif t == "Residual":
+        body = nn.Sequential(*[_layer(child, regularized) for child in spec.children])
+        shortcut = (nn.Sequential(*[_layer(child, regularized) for child in spec.shortcut])
+                    if spec.shortcut else nn.Identity())
+        return Residual(body, shortcut, _activation(a["activation"]))
+    else:
+        raise AssertionError(t)
+    for key, param_name in (("kernel_regularizer", "weight"), ("bias_regularizer", "bias")):
+        reg = a.get(key)
+        param = getattr(module, param_name, None)
+        if reg is not None and param is not None:
+            regularized.append((param, reg))
+    activation = _activation(a.get("activation")) if t in ("Conv2D", "Dense") else None
+    return nn.Sequential(module, activation) if activation is not None else module
+
+
+class KerasSequential(nn.Module):
+    """A stack of layers built from a ModelSpec. forward() returns logits (B, n_classes).
+
+    Inputs are (B, C, H, W) tensors, best in channels_last memory format.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self._regularized: list[tuple[nn.Parameter, Regularizer]] = []
+        self.layers = nn.ModuleList(_layer(layer, self._regularized) for layer in spec.layers)
+        self.layer_names = [layer.name for layer in spec.layers]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    @property
+    def has_regularizers(self) -> bool:
+        return bool(self._regularized)
+
+    def regularization_penalty(self) -> torch.Tensor:
+        """Keras' penalty, summed over layers: l1 * sum(|w|) + l2 * sum(w**2), no 1/2."""
+        total = torch.zeros((), dtype=torch.float32)
+        for param, reg in self._regularized:
+            if not param.requires_grad:
+                continue
+            if reg.l2:
+                total = total + reg.l2 * param.float().square().sum()
+            if reg.l1:
+                total = total + reg.l1 * param.float().abs().sum()
+        return total
+
+    def named_weight_layers(self) -> list[tuple[str, torch.Tensor]]:
+        """(layer name, kernel) for every Conv2D and Dense layer, in order (for histograms)."""
+        out = []
+        for name, layer in zip(self.layer_names, self.layers):
+            core = layer[0] if isinstance(layer, nn.Sequential) else layer
+            if isinstance(core, (nn.Conv2d, nn.Linear)):
+                out.append((name, core.weight.detach()))
+        return out
+
+
+def build_model(spec: ModelSpec, seed: int | None = None) -> KerasSequential:
+    """Build the module; with `seed`, the initial weights depend on nothing else."""
+    if seed is None:
+        return KerasSequential(spec).to(memory_format=torch.channels_last)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return KerasSequential(spec).to(memory_format=torch.channels_last)

@@ -1,0 +1,252 @@
+"""The command line: parse arguments, call the library, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from .errors import TrainingStopped, UserError
+
+
+def _parse_set(text: str) -> tuple[str, object]:
+    """--set train.lr=0.01: the value is read as TOML (numbers, booleans, lists), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key:
+        raise UserError(f"--set {text!r}: expected section.key=value, e.g. train.lr=0.01")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _train_overrides(args) -> dict:
+    flag_map = {
+        "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
+        "seed": "train.seed", "threads": "train.threads", "precision": "train.precision",
+        "optimizer": "train.optimizer", "weight_decay": "train.weight_decay",
+        "label_smoothing": "train.label_smoothing", "subset": "data.subset",
+        "validation_split": "data.validation_split", "data_dir": "data.data_dir",
+        "augment": "augment.enabled", "checkpoint_every": "checkpoint.every",
+        "checkpoint_name": "checkpoint.filename", "save_best_only": "checkpoint.save_best_only",
+        "monitor": "checkpoint.monitor", "keep_last": "checkpoint.keep_last",
+        "early_stopping": "checkpoint.early_stopping", "min_delta": "checkpoint.min_delta",
+        "restore_best": "checkpoint.restore_best", "compile": "train.compile",
+    }
+    overrides = {dotted: getattr(args, flag) for flag, dotted in flag_map.items()
+                 if getattr(args, flag, None) is not None}
+    for item in args.set or []:
+        key, value = _parse_set(item)
+        overrides[key] = value
+    return overrides
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (override the recipe)")
+    g.add_argument("--epochs", type=int, help="passes over the training split")
+    g.add_argument("--batch-size", type=int, help="images per step")
+    g.add_argument("--lr", type=float, help="learning rate")
+    g.add_argument("--seed", type=int, help="seed for init, shuffling, dropout, augmentation")
+    g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
+    g.add_argument("--weight-decay", type=float,
+                   help="decoupled weight decay (AdamW-style; not a Keras kernel regularizer)")
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 uses autocast on the CPU")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (compile time is reported apart)")
+    g.add_argument("--threads", type=int, help="CPU threads (default: one per core)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="turn the recipe's augmentation on or off")
+    d = p.add_argument_group("data")
+    d.add_argument("--subset", type=int, help="use the first N training images")
+    d.add_argument("--validation-split", type=float, help="last fraction held out (default 0.2)")
+    d.add_argument("--data-dir", help="directory of the four IDX files")
+    c = p.add_argument_group("checkpoints and early stopping")
+    c.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (0 = none)")
+    c.add_argument("--checkpoint-name", help='checkpoint name pattern, e.g. "model1_{epoch}"')
+    c.add_argument("--save-best-only", action=argparse.BooleanOptionalAction, default=None)
+    c.add_argument("--monitor", choices=["val_loss", "val_accuracy", "loss", "accuracy"])
+    c.add_argument("--keep-last", type=int, help="keep only the newest K epoch checkpoints")
+    c.add_argument("--early-stopping", type=int, metavar="PATIENCE")
+    c.add_argument("--min-delta", type=float)
+    c.add_argument("--restore-best", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override any config setting, e.g. --set augment.rotation_range=5")
+
+
+def cmd_data(args) -> int:
+    from .data import CLASS_NAMES, class_counts, download, timed_load
+
+    if args.download:
+        print(f"downloaded to {download()}")
+    data, seconds = timed_load(args.data_dir, check_md5=not args.no_checksum)
+    how = "cache" if data.from_cache else "IDX files (decoded and cached)"
+    checks = "structure and MD5 verified" if data.verified_md5 else "structure verified (MD5 skipped)"
+    print(f"Fashion-MNIST in {data.source}: {checks}; loaded from {how} in {seconds:.2f} s")
+    train_counts, test_counts = class_counts(data.train_labels), class_counts(data.test_labels)
+    print(f"{'class':<14}{'train':>8}{'test':>8}")
+    for name, a, b in zip(CLASS_NAMES, train_counts, test_counts):
+        print(f"{name:<14}{a:>8}{b:>8}")
+    print(f"{'total':<14}{sum(train_counts):>8}{sum(test_counts):>8}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .zoo import get_model_spec, list_models, list_recipes, load_config
+
+    print(f"{'model':<12}{'params':>10}  description")
+    for name in list_models():
+        spec = get_model_spec(name)
+        print(f"{name:<12}{spec.total_params:>10,}  {spec.description}")
+    print(f"\n{'recipe':<16}{'model':<12}{'epochs':>7}  description")
+    for name in list_recipes():
+        cfg = load_config(name)
+        print(f"{name:<16}{cfg.model.name:<12}{cfg.train.epochs:>7}  {cfg.description}")
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from .spec import summary, train_flops_per_image
+    from .zoo import load_config
+
+    cfg = load_config(args.model)
+    print(summary(cfg.model))
+    print(f"Forward pass: {cfg.model.flops / 1e6:.2f} MFLOP per image; "
+          f"training: {train_flops_per_image(cfg.model) / 1e6:.2f} MFLOP per image")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from . import run
+
+    overrides = _train_overrides(args)
+    if args.resume:
+        expected = run.resolve_config(args.model, **overrides)
+        epochs = overrides.get("train.epochs")
+        result = run.resume(args.resume, epochs=epochs, expect=_without_epochs(expected, args.resume),
+                            progress=not args.quiet, plots=not args.no_plots)
+    else:
+        result = run.train(args.model, args.out, progress=not args.quiet, plots=not args.no_plots,
+                           **overrides)
+    _print_result(result)
+    return 0
+
+
+def _without_epochs(cfg, run_dir):
+    """For --resume, the epoch count may differ from the saved run's (it extends it)."""
+    from .run import load_run_config
+
+    cfg.train.epochs = load_run_config(run_dir).train.epochs
+    return cfg
+
+
+def _print_result(result) -> None:
+    m = result.metrics
+    print(f"Test accuracy: {m['test_accuracy']:.4f} (loss {m['test_loss']:.4f}) after "
+          f"{m['epochs']} epochs, {m['train_seconds']:.1f} s of training")
+    print(f"Run directory: {result.run_dir} (config.toml, history.csv, model.safetensors, "
+          f"metrics.json, checkpoints/, plots/)")
+
+
+def cmd_resume(args) -> int:
+    from . import run
+
+    result = run.resume(args.run_dir, epochs=args.epochs, progress=not args.quiet,
+                        plots=not args.no_plots)
+    _print_result(result)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .run import evaluate_run
+
+    result = evaluate_run(args.run_dir, checkpoint=args.checkpoint)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"Test loss: {result['test_loss']:.4f}  accuracy: {result['test_accuracy']:.4f} "
+          f"({result['test_correct']}/{result['test_size']}) in {result['eval_seconds']:.2f} s")
+    for name, acc in result["per_class_accuracy"].items():
+        print(f"  {name:<14}{acc:.4f}")
+    return 0
+
+
+def cmd_augment_preview(args) -> int:
+    from .plots import augmentation_preview
+
+    path = augmentation_preview(args.recipe, args.out, n=args.n, seed=args.seed)
+    print(f"Wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fashion-cnn",
+        description="Train, study and use CNN classifiers on Fashion-MNIST (Keras vocabulary, PyTorch).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("data", help="find, verify and cache the dataset; print class counts")
+    p.add_argument("--data-dir", help="directory of the four IDX files")
+    p.add_argument("--download", action="store_true", help="fetch from the official mirror first")
+    p.add_argument("--no-checksum", action="store_true",
+                   help="skip the MD5 and count checks (your own IDX files)")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("models", help="list the model zoo and the recipes")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("summary", help="print a Keras-style summary of a model or recipe")
+    p.add_argument("model", help="zoo model, recipe, or path to a .toml spec")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("train", help="train a model or recipe into a run directory")
+    p.add_argument("model", help="zoo model, recipe, or path to a .toml spec/recipe/config")
+    p.add_argument("--out", help="run directory (default runs/<name>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run (options must match)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--no-plots", action="store_true", help="skip the figures")
+    _add_train_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("resume", help="continue a run from its newest intact checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--epochs", type=int, help="extend the run to this many epochs")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("evaluate", help="reload a run and evaluate it on the test set")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", help="a checkpoint name or epoch number instead of the final weights")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("augment-preview", help="grid of original vs augmented training images")
+    p.add_argument("recipe")
+    p.add_argument("--out", default="augment-preview.png")
+    p.add_argument("-n", type=int, default=8, help="images to show")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_augment_preview)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"fashion-cnn: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except TrainingStopped as exc:
+        print(f"fashion-cnn: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("fashion-cnn: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1

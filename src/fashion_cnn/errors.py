@@ -1,0 +1,27 @@
+"""Errors a user can cause. The CLI prints each as one line and exits with its code."""
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad file, bad option, bad config). Message is one line."""
+
+    exit_code = 2
+
+
+class DataError(UserError):
+    """A missing or corrupt dataset file."""
+
+
+class SpecError(UserError):
+    """An invalid model spec, recipe or config."""
+
+
+class CheckpointError(UserError):
+    """A missing, corrupt or incompatible checkpoint or run directory."""
+
+
+class TrainingStopped(Exception):
+    """Training stopped early on purpose (signal or non-finite loss); carries the reason."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,0 +1,109 @@
+"""Atomic file writes: a reader (or a resume) never sees a half-written file under its final name."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import UserError
+
+
+def _describe_os_error(path: Path, exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"cannot write {path}: the disk is full (free some space and try again)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: permission denied (choose another --out directory)"
+    return f"cannot write {path}: {exc.strerror or exc}"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the same directory; on success fsync it and rename it to `path`.
+
+    >>> with atomic_path("out/history.csv") as tmp:
+    ...     tmp.write_text("epoch,loss\\n")  # doctest: +SKIP
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise UserError(_describe_os_error(path, exc)) from None
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            handle.flush()
+            os.fsync(handle.fileno())
+        _fault_hook("before_rename", path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(_describe_os_error(path, exc)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fault_hook(point: str, path: Path) -> None:
+    """Test hook: pause at a named point so a test can SIGKILL the process mid-write.
+
+    Active only when FASHION_CNN_PAUSE_AT names the point; the process then writes a marker
+    file FASHION_CNN_PAUSE_MARKER and sleeps. Never set in normal use.
+    """
+    if os.environ.get("FASHION_CNN_PAUSE_AT") == point:
+        marker = os.environ.get("FASHION_CNN_PAUSE_MARKER")
+        if marker:
+            Path(marker).write_text(str(path))
+        import time
+
+        time.sleep(3600)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
+    """Atomically write `path` with a function that writes to a given temporary path."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,97 @@
+"""Optimizers and learning-rate schedules.
+
+KerasAdam reproduces Keras' Adam update exactly, epsilon placement included:
+
+    m <- b1*m + (1-b1)*g ;  v <- b2*v + (1-b2)*g^2
+    lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t)
+    w <- w - lr_t * m / (sqrt(v) + eps)
+
+torch.optim.Adam instead divides by (sqrt(v)/sqrt(1-b2^t) + eps): its epsilon is effectively
+larger by 1/sqrt(1-b2^t) (about 32x at the first step), which changes the first updates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import TrainConfig
+
+
+class KerasAdam(torch.optim.Optimizer):
+    """Adam in Keras' form; `weight_decay` is decoupled (AdamW, as Keras 3's `weight_decay`)."""
+
+    def __init__(self, params, lr=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=0.0):
+        defaults = dict(lr=lr, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                        weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    # step is a float tensor so that checkpoints hold only tensors
+                    state["step"] = torch.zeros((), dtype=torch.float64)
+                    state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            ms = [self.state[p]["m"] for p in params]
+            vs = [self.state[p]["v"] for p in params]
+            state0 = self.state[params[0]]
+            t = float(state0["step"]) + 1.0
+            for p in params:
+                self.state[p]["step"].fill_(t)
+            b1, b2, lr, eps = group["beta_1"], group["beta_2"], group["lr"], group["epsilon"]
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+            lr_t = lr * math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
+            torch._foreach_lerp_(ms, grads, 1.0 - b1)            # m += (g - m) * (1 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, grads, grads, 1.0 - b2)  # v = b2*v + (1-b2)*g^2
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, ms, denom, value=-lr_t)
+        return loss
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return KerasAdam(params, cfg.lr, cfg.beta_1, cfg.beta_2, cfg.epsilon, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return KerasAdam(params, cfg.lr, cfg.beta_1, cfg.beta_2, cfg.epsilon,
+                         cfg.weight_decay or 0.01)
+    # SGD: decay only weights of rank > 1 (kernels), as is usual for BatchNorm networks.
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `total_steps`: a pure function of
+    the step, so a resumed run needs no scheduler state."""
+    if cfg.schedule == "constant" or total_steps <= 1:
+        return cfg.lr
+    warm = int(cfg.warmup * total_steps)
+    final = cfg.lr * cfg.final_lr_fraction
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total_steps - warm - 1))
+    if cfg.schedule == "onecycle":
+        return cfg.lr + (final - cfg.lr) * progress
+    return final + (cfg.lr - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

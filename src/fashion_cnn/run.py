@@ -1,0 +1,283 @@
+"""Runs: the Python API behind every CLI command that trains or reloads a model.
+
+>>> result = train("seed-model1", epochs=1, out="runs/demo")     # doctest: +SKIP
+>>> result.metrics["test_accuracy"]                              # doctest: +SKIP
+0.86
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import fileio
+from .build import KerasSequential, build_model
+from .callbacks import EarlyStopping, HistoryWriter, ModelCheckpoint, ProgressBar, best_epoch
+from .checkpoint import load_checkpoint, load_weights, newest_intact, save_weights
+from .config import RunConfig, apply_section, overrides_to_sections, to_toml, validate
+from .data import CLASS_NAMES, FashionMNIST, Splits, load_data, make_splits
+from .errors import CheckpointError, SpecError, TrainingStopped, UserError
+from .perf import configure_runtime
+from .train import Trainer, evaluate
+from .zoo import load_config
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    config: RunConfig
+    model: KerasSequential
+    history: list[dict]
+    metrics: dict
+
+
+def resolve_config(name_or_config: str | RunConfig, **overrides) -> RunConfig:
+    """A recipe/model name or TOML path, with overrides given as section.key=value.
+
+    >>> cfg = resolve_config("seed-model1", **{"train.epochs": 2})
+    >>> cfg.train.epochs, cfg.train.batch_size
+    (2, 128)
+    """
+    cfg = (dataclasses.replace(name_or_config) if isinstance(name_or_config, RunConfig)
+           else load_config(name_or_config))
+    for section, values in overrides_to_sections(overrides).items():
+        apply_section(cfg, section, values, "command line")
+    return validate(cfg)
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{cfg.recipe or cfg.model.name}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def _prepare_run_dir(out: str | os.PathLike | None, cfg: RunConfig) -> Path:
+    run_dir = Path(out) if out else default_run_dir(cfg)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir}: already exists and is not empty; choose another --out, "
+                        f"or continue it with `fashion-cnn resume {run_dir}`")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(fileio._describe_os_error(run_dir, exc)) from None
+    return run_dir
+
+
+def splits_for(cfg: RunConfig, data: FashionMNIST | None = None) -> Splits:
+    data = data or load_data(cfg.data.data_dir or None)
+    return make_splits(data, subset=cfg.data.subset or None, val_fraction=cfg.data.validation_split,
+                       pad=cfg.pad, pad_value=cfg.data.pad_value)
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer):
+    """SIGINT/SIGTERM ask the trainer to stop at the next batch boundary (a second one kills)."""
+    previous = {}
+
+    def handler(signum, frame):
+        if trainer.stop_request:  # second signal: give up at once
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        trainer.stop_request = signal.Signals(signum).name
+
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def standard_callbacks(cfg: RunConfig, run_dir: Path, progress: bool = True,
+                       plots: bool = True, extra=()) -> list:
+    c = cfg.checkpoint
+    callbacks = [HistoryWriter(run_dir)]
+    if c.every or c.save_best_only or c.restore_best:
+        callbacks.append(ModelCheckpoint(run_dir, c.every, c.filename, c.save_best_only,
+                                         c.monitor, c.keep_last, c.min_delta))
+    if c.early_stopping or c.restore_best:
+        callbacks.append(EarlyStopping(c.early_stopping or 10 ** 9, c.monitor, c.min_delta,
+                                       c.restore_best, run_dir))
+    if plots:
+        from .plots import LivePlot
+        callbacks.append(LivePlot(run_dir / "plots" / "metrics.png"))
+    if progress:
+        callbacks.append(ProgressBar())
+    return callbacks + list(extra)
+
+
+def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) -> RunResult:
+    cfg, model, splits = trainer.config, trainer.model, trainer.splits
+    save_weights(model, run_dir / "model.safetensors", {"model": cfg.model.name})
+    start = time.perf_counter()
+    result = evaluate(model, splits.x_test, splits.y_test, cfg.train.eval_batch_size,
+                      cfg.train.precision)
+    eval_seconds = time.perf_counter() - start
+    history = trainer.state.history
+    best_index, _ = best_epoch(history, "val_loss")
+    images = sum(trainer.steps_per_epoch for _ in history) * cfg.train.batch_size
+    metrics = {
+        "test_loss": result["loss"], "test_accuracy": result["accuracy"],
+        "test_correct": result["correct"], "test_size": len(splits.y_test),
+        "params": cfg.model.total_params, "epochs": len(history),
+        "best_epoch": best_index + 1 if best_index is not None else None,
+        "train_seconds": train_seconds,
+        "samples_per_second": images / train_seconds if train_seconds > 0 else None,
+        "compile_seconds": trainer.compile_seconds,
+        "eval_seconds": eval_seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "precision": cfg.train.precision, "threads": torch.get_num_threads(),
+    }
+    if history:
+        last = history[-1]
+        metrics.update({k: last.get(k) for k in ("loss", "accuracy", "val_loss", "val_accuracy")})
+        metrics["best_val_accuracy"] = max((h.get("val_accuracy") or 0.0) for h in history)
+    fileio.write_json(run_dir / "metrics.json", metrics)
+    if plots:
+        from .plots import write_run_plots
+        write_run_plots(run_dir, model=model, config=cfg, splits=splits, history=history,
+                        eval_result=result)
+    return RunResult(run_dir, cfg, model, history, metrics)
+
+
+def _run(trainer: Trainer, run_dir: Path, plots: bool) -> RunResult:
+    already = sum(h.get("seconds", 0.0) for h in trainer.state.history)
+    start = time.perf_counter()
+    with stop_on_signals(trainer):
+        try:
+            trainer.fit()
+        except TrainingStopped as stop:
+            if stop.exit_code == 130:  # a signal: the checkpoint is written; say how to go on
+                raise TrainingStopped(f"{stop}; checkpoint written; continue with: "
+                                      f"fashion-cnn resume {run_dir}", 130) from None
+            raise
+    return _finish(trainer, run_dir, already + time.perf_counter() - start, plots)
+
+
+def train(name_or_config: str | RunConfig, out: str | os.PathLike | None = None, *,
+          data: FashionMNIST | None = None, progress: bool = True, plots: bool = True,
+          callbacks=(), **overrides) -> RunResult:
+    """Train a recipe or model into a new run directory; evaluate on the test set at the end.
+
+    Overrides use the config's names: train(\"model1\", epochs=1) or **{\"train.epochs\": 1}.
+    """
+    overrides = {(k if "." in k else _section_of(k)): v for k, v in overrides.items()}
+    cfg = resolve_config(name_or_config, **overrides)
+    configure_runtime(cfg.train.threads)
+    splits = splits_for(cfg, data)
+    run_dir = _prepare_run_dir(out, cfg)
+    fileio.write_text(run_dir / "config.toml", to_toml(cfg))
+    trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, plots, callbacks))
+    return _run(trainer, run_dir, plots)
+
+
+def _section_of(key: str) -> str:
+    from .config import SECTIONS
+
+    for section, cls in SECTIONS.items():
+        if key in {f.name for f in dataclasses.fields(cls)}:
+            return f"{section}.{key}"
+    raise SpecError(f"unknown setting {key!r}")
+
+
+def load_run_config(run_dir: str | os.PathLike) -> RunConfig:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise CheckpointError(f"{run_dir}: not a run directory (no config.toml)")
+    return load_config(str(run_dir / "config.toml"))
+
+
+def resume(run_dir: str | os.PathLike, *, epochs: int | None = None,
+           data: FashionMNIST | None = None, progress: bool = True, plots: bool = True,
+           expect: RunConfig | None = None, callbacks=()) -> RunResult:
+    """Continue a run from its newest intact checkpoint with its own saved configuration.
+
+    `expect`, when given, must match the run's configuration (train ... --resume checks this).
+    """
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    if expect is not None and expect.fingerprint() != cfg.fingerprint():
+        raise UserError(f"{run_dir}: the given options contradict the run's configuration "
+                        f"(see {run_dir / 'config.toml'}); use `fashion-cnn resume {run_dir}`")
+    if epochs is not None:
+        if epochs < cfg.train.epochs:
+            raise UserError(f"--epochs {epochs} is fewer than the run's {cfg.train.epochs}")
+        cfg.train.epochs = epochs
+        fileio.write_text(run_dir / "config.toml", to_toml(cfg))
+    configure_runtime(cfg.train.threads)
+    splits = splits_for(cfg, data)
+    trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, plots, callbacks))
+    found = newest_intact(run_dir)
+    if found is None:
+        print(f"warning: {run_dir} has no intact checkpoint; starting from epoch 1",
+              file=sys.stderr)
+    else:
+        load_checkpoint(trainer, found[0])
+    return _run(trainer, run_dir, plots)
+
+
+def load_model(run_dir: str | os.PathLike, checkpoint: str | None = None) -> tuple[RunConfig, KerasSequential]:
+    """The run's config and model with its final weights (or a named checkpoint's)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    model = build_model(cfg.model)
+    if checkpoint:
+        path = run_dir / "checkpoints" / checkpoint / "model.safetensors"
+        if not path.parent.is_dir():
+            path = run_dir / "checkpoints" / cfg.checkpoint.filename.format(epoch=checkpoint) / "model.safetensors"
+    else:
+        path = run_dir / "model.safetensors"
+    load_weights(model, path)
+    model.eval()
+    return cfg, model
+
+
+def evaluate_run(run_dir: str | os.PathLike, data: FashionMNIST | None = None,
+                 checkpoint: str | None = None) -> dict:
+    """Reload a run and evaluate it on the test set: loss, accuracy and per-class accuracy."""
+    cfg, model = load_model(run_dir, checkpoint)
+    configure_runtime(cfg.train.threads)
+    splits = splits_for(cfg, data)
+    start = time.perf_counter()
+    result = evaluate(model, splits.x_test, splits.y_test, cfg.train.eval_batch_size,
+                      cfg.train.precision)
+    seconds = time.perf_counter() - start
+    y, pred = splits.y_test, result["predictions"]
+    per_class = {}
+    for index, name in enumerate(CLASS_NAMES):
+        mask = y == index
+        per_class[name] = float((pred[mask] == index).float().mean()) if mask.any() else None
+    return {"test_loss": result["loss"], "test_accuracy": result["accuracy"],
+            "test_correct": result["correct"], "test_size": len(y),
+            "per_class_accuracy": per_class, "eval_seconds": seconds}
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict:
+    path = Path(run_dir) / "metrics.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found (the run has not finished)") from None
+    except ValueError:
+        raise CheckpointError(f"{path}: corrupt JSON") from None

@@ -1,0 +1,231 @@
+"""The training loop: one short `fit`, features in callbacks.
+
+Data lives in memory as one tensor per split; a batch is an index slice of it (no DataLoader:
+for 47 MB of images a per-sample loader only adds overhead). Metrics accumulate in tensors and
+are read once per epoch, so the loop never waits on a per-batch `.item()`.
+
+>>> trainer = Trainer(load_config("model1"), splits)          # doctest: +SKIP
+>>> history = trainer.fit()                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from .augment import augment_batch
+from .build import KerasSequential, build_model
+from .config import RunConfig
+from .data import Splits
+from .errors import TrainingStopped
+from .optim import lr_at, make_optimizer, set_lr
+
+# How often (in batches) the loop checks the recorded losses for NaN/Inf: one read per window.
+NAN_CHECK_EVERY = 32
+
+
+def autocast(precision: str):
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer moments that a resume needs."""
+
+    epoch: int = 0              # completed epochs
+    step: int = 0               # optimizer steps taken
+    batch_in_epoch: int = 0     # batches done in the unfinished epoch (mid-epoch checkpoint)
+    cursor: int = 0             # next position in `perm`
+    perm: torch.Tensor | None = None  # current shuffle of the training indices, int64 (N,)
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
+    # sums = [sum of batch loss * batch size, sum of penalty * batch size, correct, seen]
+    epoch_seconds: float = 0.0  # time already spent in the unfinished epoch
+    history: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    """Holds the model, optimizer, generators and state of one run; `fit()` trains it.
+
+    Callbacks are plain objects with any of: on_train_begin(trainer), on_epoch_begin(trainer,
+    epoch), on_batch_end(trainer, batch, steps), on_epoch_end(trainer, epoch, logs),
+    on_interrupt(trainer), on_train_end(trainer). `epoch` is 0-based; logs is a flat dict.
+    """
+
+    def __init__(self, config: RunConfig, splits: Splits, callbacks=(),
+                 model: KerasSequential | None = None):
+        self.config = config
+        self.splits = splits
+        self.callbacks = list(callbacks)
+        t = config.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.model = model if model is not None else build_model(config.model, seed=t.seed)
+        self.optimizer = make_optimizer(self.model, t)
+        self.shuffle_gen = torch.Generator().manual_seed(t.seed * 1000 + 1)
+        self.augment_gen = torch.Generator().manual_seed(t.seed * 1000 + 2)
+        torch.manual_seed(t.seed * 1000 + 3)  # the global generator drives dropout
+        self.state = TrainState()
+        self.stop_training = False     # set by callbacks (early stopping), as in Keras
+        self.stop_request: str | None = None  # set by signal handlers: stop at next batch
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.compile_seconds = 0.0
+        n = len(splits.x_train)
+        self.full_steps = math.ceil(n / t.batch_size)
+        self.steps_per_epoch = max(1, int(self.full_steps * t.steps_fraction))
+
+    # ------------------------------------------------------------------ callbacks
+    def _call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self, *args)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.train.epochs
+
+    # ------------------------------------------------------------------ batches
+    def _next_indices(self) -> torch.Tensor:
+        """The next batch of a never-ending stream of shuffles (Keras' iterator semantics)."""
+        s, n = self.state, len(self.splits.x_train)
+        if s.perm is None or s.cursor >= n:
+            s.perm = torch.randperm(n, generator=self.shuffle_gen)
+            s.cursor = 0
+        idx = s.perm[s.cursor:s.cursor + self.config.train.batch_size]
+        s.cursor += len(idx)
+        return idx
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self._next_indices()
+        x = self.splits.x_train[idx]  # (B, 1, H, W)
+        if self.config.augment.enabled:
+            x = augment_batch(x, self.config.augment, self.augment_gen)
+        else:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, self.splits.y_train[idx]
+
+    def _compile_warmup(self) -> None:
+        """Trigger torch.compile's compilation outside the timed epochs, RNG untouched."""
+        x = self.splits.x_train[:self.config.train.batch_size].contiguous(
+            memory_format=torch.channels_last)
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[]), autocast(self.config.train.precision):
+            self.forward(x).float().sum().backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.compile_seconds = time.perf_counter() - start
+
+    # ------------------------------------------------------------------ training
+    def fit(self) -> list[dict]:
+        """Train until `config.train.epochs` epochs are complete (or a callback stops it)."""
+        if self.config.train.compile and not self.compile_seconds:
+            self._compile_warmup()
+        self._call("on_train_begin")
+        while self.state.epoch < self.config.train.epochs and not self.stop_training:
+            epoch = self.state.epoch
+            self._call("on_epoch_begin", epoch)
+            logs = self.train_one_epoch()
+            logs.update({f"val_{k}": v for k, v in self.evaluate_split("val").items()})
+            self.state.history.append(logs)
+            self._call("on_epoch_end", epoch, logs)
+        self._call("on_train_end")
+        return self.state.history
+
+    def train_one_epoch(self) -> dict:
+        cfg, s, model = self.config.train, self.state, self.model
+        model.train()
+        started = time.perf_counter() - s.epoch_seconds
+        losses = torch.zeros(self.steps_per_epoch)  # per-batch loss, read only for the NaN guard
+        checked = s.batch_in_epoch
+        regularized = model.has_regularizers
+        while s.batch_in_epoch < self.steps_per_epoch:
+            if self.stop_request:
+                s.epoch_seconds = time.perf_counter() - started
+                self._call("on_interrupt")
+                raise TrainingStopped(f"stopped by {self.stop_request}", exit_code=130)
+            set_lr(self.optimizer, lr_at(s.step, self.total_steps, cfg))
+            x, y = self._batch()
+            with autocast(cfg.precision):
+                logits = self.forward(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            penalty = model.regularization_penalty() if regularized else None
+            total = loss + penalty if penalty is not None else loss
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+            with torch.no_grad():
+                n = y.numel()
+                s.sums += torch.stack([total.detach().double() * n,
+                                       (penalty.detach().double() if penalty is not None
+                                        else torch.zeros((), dtype=torch.float64)) * n,
+                                       (logits.argmax(1) == y).sum().double(),
+                                       torch.tensor(float(n), dtype=torch.float64)])
+                losses[s.batch_in_epoch] = total.detach()
+            s.batch_in_epoch += 1
+            s.step += 1
+            if s.batch_in_epoch - checked >= NAN_CHECK_EVERY or s.batch_in_epoch == self.steps_per_epoch:
+                self._check_finite(losses, checked, s.batch_in_epoch)
+                checked = s.batch_in_epoch
+            self._call("on_batch_end", s.batch_in_epoch, self.steps_per_epoch)
+        loss_sum, penalty_sum, correct, seen = s.sums.tolist()
+        logs = {"epoch": s.epoch + 1, "loss": loss_sum / seen, "accuracy": correct / seen,
+                "penalty": penalty_sum / seen, "lr": self.optimizer.param_groups[0]["lr"]}
+        s.epoch += 1
+        s.batch_in_epoch = 0
+        s.sums = torch.zeros(4, dtype=torch.float64)
+        s.epoch_seconds = 0.0
+        logs["seconds"] = time.perf_counter() - started
+        return logs
+
+    def _check_finite(self, losses: torch.Tensor, start: int, end: int) -> None:
+        window = losses[start:end]
+        if not torch.isfinite(window).all():
+            bad = start + int((~torch.isfinite(window)).nonzero()[0])
+            self.stop_training = True
+            raise TrainingStopped(
+                f"non-finite loss ({float(losses[bad])}) at epoch {self.state.epoch + 1}, "
+                f"batch {bad + 1}; training stopped (try a lower --lr); the last checkpoint "
+                f"before it is intact", exit_code=3)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate_split(self, split: str) -> dict:
+        x, y = getattr(self.splits, f"x_{split}"), getattr(self.splits, f"y_{split}")
+        if len(x) == 0:
+            return {}
+        result = evaluate(self.model, x, y, self.config.train.eval_batch_size,
+                          self.config.train.precision)
+        if self.model.has_regularizers:  # Keras counts the penalty in val_loss too
+            with torch.no_grad():
+                result["loss"] += float(self.model.regularization_penalty())
+        return {"loss": result["loss"], "accuracy": result["accuracy"]}
+
+
+def predict_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256,
+                   precision: str = "fp32") -> torch.Tensor:
+    """Logits (N, n_classes) in float32, in eval mode and inference mode, in large batches."""
+    was_training = model.training
+    model.eval()
+    outs = []
+    with torch.inference_mode(), autocast(precision):
+        for start in range(0, len(x), batch_size):
+            batch = x[start:start + batch_size].contiguous(memory_format=torch.channels_last)
+            outs.append(model(batch).float())
+    model.train(was_training)
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
+             precision: str = "fp32") -> dict:
+    """Mean cross-entropy (without regularization penalty), accuracy and predictions."""
+    logits = predict_logits(model, x, batch_size, precision)
+    loss = F.cross_entropy(logits, y, reduction="sum").item() / max(1, len(y))
+    predictions = logits.argmax(1)
+    correct = int((predictions == y).sum())
+    return {"loss": loss, "accuracy": correct / max(1, len(y)), "correct": correct,
+            "predictions": predictions, "logits": logits}
