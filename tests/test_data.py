@@ -1,0 +1,149 @@
+import gzip
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fashion_cnn import data as fdata
+from fashion_cnn.errors import DataError
+
+from conftest import make_idx_dir
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "fashion_cnn", *args], capture_output=True,
+                          text=True, env=env)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_round_trip(tmp_path, gz):
+    images = np.random.default_rng(1).integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    path = tmp_path / ("x.idx.gz" if gz else "x.idx")
+    fdata.write_idx(path, images)
+    raw = path.read_bytes()
+    if gz:
+        raw = gzip.decompress(raw)
+    assert raw[:4] == b"\x00\x00\x08\x03"
+    decoded = fdata.parse_idx(raw, path, expect_ndim=3)
+    assert decoded.dtype == np.uint8 and np.array_equal(decoded, images)
+
+
+def test_load_synthetic_without_md5(tiny_idx):
+    data = fdata.load_data(tiny_idx, check_md5=False)
+    assert data.train_images.shape == (60, 28, 28) and data.test_labels.shape == (20,)
+    again = fdata.load_data(tiny_idx, check_md5=False)
+    assert again.from_cache and np.array_equal(again.train_images, data.train_images)
+
+
+def test_synthetic_fails_md5_check(tiny_idx):
+    with pytest.raises(DataError, match="MD5 mismatch|expected 60000"):
+        fdata.load_data(tiny_idx)
+
+
+def _corrupt(directory, kind):
+    """Apply one corruption; return (file name, expected message fragment)."""
+    if kind == "truncated gzip":
+        p = directory / "train-images-idx3-ubyte.gz"
+        p.write_bytes(p.read_bytes()[:200])
+        return p.name, "gzip stream is truncated"
+    if kind == "wrong magic":
+        p = directory / "t10k-images-idx3-ubyte.gz"
+        raw = bytearray(gzip.decompress(p.read_bytes()))
+        raw[3] = 0x02
+        p.write_bytes(gzip.compress(bytes(raw)))
+        return p.name, "wrong IDX magic number"
+    if kind == "wrong count":
+        p = directory / "train-labels-idx1-ubyte.gz"
+        raw = bytearray(gzip.decompress(p.read_bytes()))
+        raw[4:8] = (59).to_bytes(4, "big")  # header says 59 labels, file holds 60
+        p.write_bytes(gzip.compress(bytes(raw)))
+        return p.name, "header announces 59 items"
+    if kind == "label 11":
+        p = directory / "t10k-labels-idx1-ubyte.gz"
+        labels = np.zeros(20, dtype=np.uint8)
+        labels[5] = 11
+        fdata.write_idx(p, labels)
+        return p.name, "label 11 at index 5 is outside 0-9"
+    if kind == "missing file":
+        (directory / "t10k-labels-idx1-ubyte.gz").unlink()
+        return "t10k-labels-idx1-ubyte", "file not found"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["truncated gzip", "wrong magic", "wrong count", "label 11",
+                                  "missing file"])
+def test_each_corruption_gives_one_line_and_exit_2(tiny_idx, kind):
+    name, fragment = _corrupt(tiny_idx, kind)
+    result = run_cli("data", "--data-dir", str(tiny_idx), "--no-checksum")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert name in lines[0] and fragment in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_md5_mismatch_on_official_names(tmp_path):
+    # Right names and a valid structure, 60000/10000 items, but not the official bytes.
+    directory = tmp_path / "fake"
+    directory.mkdir()
+    zeros = np.zeros((60000, 28, 28), dtype=np.uint8)
+    fdata.write_idx(directory / "train-images-idx3-ubyte", zeros)
+    fdata.write_idx(directory / "train-labels-idx1-ubyte", np.zeros(60000, np.uint8))
+    fdata.write_idx(directory / "t10k-images-idx3-ubyte", zeros[:10000])
+    fdata.write_idx(directory / "t10k-labels-idx1-ubyte", np.zeros(10000, np.uint8))
+    result = run_cli("data", "--data-dir", str(directory))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MD5 mismatch" in lines[0] and "train-images-idx3-ubyte" in lines[0]
+
+
+def test_search_order_env_var(tiny_idx, monkeypatch):
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tiny_idx))
+    assert fdata.find_data_dir() == tiny_idx
+    assert fdata.find_data_dir(tiny_idx) == tiny_idx
+
+
+def test_validation_split_takes_last_fraction():
+    fit, val = fdata.validation_split(60000, 0.2)
+    assert (fit.start, fit.stop, val.start, val.stop) == (0, 48000, 48000, 60000)
+    # The split happens before any shuffling: the validation labels are the last ones in order.
+    data = fdata.FashionMNIST(np.zeros((10, 28, 28), np.uint8), np.arange(10, dtype=np.uint8),
+                              np.zeros((3, 28, 28), np.uint8), np.zeros(3, np.uint8), source=None)
+    splits = fdata.make_splits(data, val_fraction=0.2)
+    assert splits.y_val.tolist() == [8, 9] and splits.y_train.tolist() == list(range(8))
+
+
+def test_scaling_and_padding_as_the_seed():
+    images = np.array([[[0, 128, 255] + [0] * 25] * 28], dtype=np.uint8)
+    x = fdata.to_tensor(images)
+    assert x.shape == (1, 1, 28, 28)
+    assert x[0, 0, 0, :3].tolist() == [-0.5, 0.5, 255 / 128 - 0.5]
+    padded = fdata.to_tensor(images, pad=4, pad_value=-0.5)
+    assert padded.shape == (1, 1, 36, 36)
+    border = torch.cat([padded[0, 0, :4].flatten(), padded[0, 0, -4:].flatten(),
+                        padded[0, 0, :, :4].flatten(), padded[0, 0, :, -4:].flatten()])
+    assert torch.all(border == -0.5)
+    assert torch.equal(padded[0, 0, 4:-4, 4:-4], x[0, 0])
+
+
+def test_subset_keeps_first_images_then_splits():
+    data = fdata.FashionMNIST(np.zeros((100, 28, 28), np.uint8), (np.arange(100) % 10).astype(np.uint8),
+                              np.zeros((5, 28, 28), np.uint8), np.zeros(5, np.uint8), source=None)
+    splits = fdata.make_splits(data, subset=50, val_fraction=0.2)
+    assert len(splits.y_train) == 40 and len(splits.y_val) == 10
+    assert splits.y_val.tolist() == [i % 10 for i in range(40, 50)]
+
+
+def test_real_data_verified(real_data):
+    assert real_data.train_images.shape == (60000, 28, 28)
+    assert fdata.class_counts(real_data.train_labels) == [6000] * 10
+    assert fdata.class_counts(real_data.test_labels) == [1000] * 10
+
+
+def test_data_command_prints_counts(real_data):
+    result = run_cli("data")
+    assert result.returncode == 0, result.stderr
+    assert "MD5 verified" in result.stdout and "Ankle boot" in result.stdout
+    assert "60000" in result.stdout and "10000" in result.stdout

@@ -1,0 +1,45 @@
+import math
+
+import torch
+
+from fashion_cnn.config import TrainConfig
+from fashion_cnn.optim import KerasAdam, lr_at
+
+
+def test_keras_adam_matches_hand_computed_steps():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = KerasAdam([w], lr=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-7)
+    grads = [torch.tensor([0.5, -1.0]), torch.tensor([0.1, 2.0])]
+    expect, m, v = [1.0, -2.0], [0.0, 0.0], [0.0, 0.0]
+    for t, g in enumerate(grads, start=1):
+        w.grad = g.clone()
+        opt.step()
+        lr_t = 0.1 * math.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t)
+        for i in range(2):
+            m[i] = 0.9 * m[i] + 0.1 * float(g[i])
+            v[i] = 0.999 * v[i] + 0.001 * float(g[i]) ** 2
+            expect[i] -= lr_t * m[i] / (math.sqrt(v[i]) + 1e-7)
+        assert torch.allclose(w.detach(), torch.tensor(expect), rtol=0, atol=1e-6)
+
+
+def test_keras_epsilon_differs_from_torch_adam_on_small_gradients():
+    # With tiny gradients, Keras' eps (added to sqrt(v), not to sqrt(v_hat)) gives a different
+    # first step than torch.optim.Adam(eps=1e-7): the reason KerasAdam exists.
+    g = torch.tensor([1e-8])
+    a = torch.nn.Parameter(torch.zeros(1))
+    b = torch.nn.Parameter(torch.zeros(1))
+    ka, ta = KerasAdam([a], lr=1e-3), torch.optim.Adam([b], lr=1e-3, eps=1e-7)
+    a.grad, b.grad = g.clone(), g.clone()
+    ka.step()
+    ta.step()
+    lr_t = 1e-3 * math.sqrt(1 - 0.999) / (1 - 0.9)
+    assert math.isclose(float(a.detach()), -lr_t * 1e-9 / (math.sqrt(1e-3) * 1e-8 + 1e-7), rel_tol=1e-4)
+    assert not math.isclose(float(a.detach()), float(b.detach()), rel_tol=0.05)
+
+
+def test_schedules():
+    cfg = TrainConfig(lr=1.0, schedule="onecycle", warmup=0.25, final_lr_fraction=0.0)
+    values = [lr_at(s, 100, cfg) for s in range(100)]
+    assert max(values) == 1.0 and values.index(1.0) == 24
+    assert values[0] == 1 / 25 and values[-1] == 0.0
+    assert lr_at(5, 100, TrainConfig(lr=0.3)) == 0.3

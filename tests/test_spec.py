@@ -1,0 +1,129 @@
+import math
+
+import pytest
+import torch
+
+from fashion_cnn.build import build_model
+from fashion_cnn.errors import SpecError
+from fashion_cnn.spec import parse_regularizer, parse_spec, summary
+from fashion_cnn.zoo import get_model_spec, list_models, list_recipes, load_config
+
+SEED_PARAMS = {"model1": 93322, "model2": 67786, "model3": 104650, "model4": 158858, "dense": 101770}
+
+
+@pytest.mark.parametrize("name,params", sorted(SEED_PARAMS.items()))
+def test_parameter_counts_equal_the_seed(name, params):
+    spec = get_model_spec(name)
+    assert spec.total_params == params
+    model = build_model(spec, seed=0)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert summary(spec).splitlines()[-4] == f"Total params: {params:,}"
+
+
+def test_summary_matches_keras_layout():
+    text = summary(get_model_spec("model1"))
+    assert text.splitlines()[0] == 'Model: "model1"'
+    assert "Layer (type)" in text and "Output Shape" in text and "Param #" in text
+    assert "conv2d_1 (Conv2D)" in text and "(None, 11, 11, 64)" in text and "36928" in text
+    assert "max_pooling2d_1 (MaxPooling2D)" in text  # not truncated
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_zoo_model_builds_and_runs(name):
+    spec = get_model_spec(name)
+    h, w, c = spec.input_shape
+    model = build_model(spec, seed=0)
+    out = model(torch.randn(3, c, h, w).contiguous(memory_format=torch.channels_last))
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_recipe_resolves(name):
+    cfg = load_config(name)
+    assert cfg.model.input_shape[0] == 28 + 2 * cfg.pad
+
+
+def test_glorot_uniform_and_zero_bias():
+    model = build_model(get_model_spec("model1"), seed=0)
+    conv = model.layers[2][0]  # conv2d_1: 3x3x32 -> 64
+    limit = math.sqrt(6.0 / (9 * 32 + 9 * 64))
+    assert conv.weight.abs().max() <= limit
+    assert conv.weight.abs().max() > 0.95 * limit  # fills the range
+    assert torch.all(conv.bias == 0)
+
+
+def test_padding_model_input_shapes():
+    spec = get_model_spec("model3")
+    assert spec.input_shape == (36, 36, 1)
+    assert spec.layers[0].output_shape == (34, 34, 32)
+
+
+def _spec(layers, shape=(28, 28, 1)):
+    return {"name": "t", "input_shape": list(shape), "layers": layers}
+
+
+@pytest.mark.parametrize("layers,fragment", [
+    ([{"type": "Conv3D", "filters": 2}], "layer 0: unknown layer type 'Conv3D'"),
+    ([{"type": "Conv2D", "filters": 2}], "layer 0 (Conv2D): missing required argument 'kernel_size'"),
+    ([{"type": "Conv2D", "filters": -1, "kernel_size": 3}], "layer 0 (Conv2D): argument 'filters'"),
+    ([{"type": "Dense", "units": 10, "activaton": "relu"}], "unknown argument 'activaton'"),
+    ([{"type": "Dense", "units": 10}], "layer 0 (Dense): Dense needs a flat input"),
+    ([{"type": "Conv2D", "filters": 4, "kernel_size": 30}, {"type": "Flatten"},
+      {"type": "Dense", "units": 10}], "layer 0 (Conv2D): Conv2D kernel 30x30 does not fit"),
+    ([{"type": "Flatten"}, {"type": "Dense", "units": 10, "activation": "softmax"},
+      {"type": "Dense", "units": 10}], "softmax is only supported on the last layer"),
+    ([{"type": "Flatten"}, {"type": "Dense", "units": 10, "kernel_regularizer": "l3(0.1)"}],
+     "layer 1 (Dense): argument 'kernel_regularizer'"),
+    ([{"type": "Dropout", "rate": 1.5}, {"type": "Flatten"}, {"type": "Dense", "units": 10}],
+     "layer 0 (Dropout): argument 'rate'"),
+])
+def test_bad_specs_name_layer_and_reason(layers, fragment):
+    with pytest.raises(SpecError, match=None) as info:
+        parse_spec(_spec(layers))
+    assert fragment in str(info.value)
+
+
+def test_regularizer_syntax_and_keras_defaults():
+    assert parse_regularizer("l2").l2 == 0.01
+    assert parse_regularizer("l1").l1 == 0.01
+    reg = parse_regularizer("l1_l2")
+    assert (reg.l1, reg.l2) == (0.01, 0.01)
+    reg = parse_regularizer("l1_l2(l1=0.001, l2=0.002)")
+    assert (reg.l1, reg.l2) == (0.001, 0.002)
+    assert parse_regularizer({"l2": 1e-4}).l2 == 1e-4
+    assert parse_regularizer(None) is None
+    for bad in ("l2(__import__('os'))", "l2(-1)", "dropout(0.1)"):
+        with pytest.raises(ValueError):
+            parse_regularizer(bad)
+
+
+def test_batchnorm_keras_momentum_maps_to_torch():
+    spec = parse_spec(_spec([{"type": "Conv2D", "filters": 4, "kernel_size": 3},
+                             {"type": "BatchNormalization"}, {"type": "Flatten"},
+                             {"type": "Dense", "units": 10}]))
+    assert spec.layers[1].params == 16 and spec.layers[1].trainable_params == 8
+    bn = build_model(spec).layers[1]
+    assert bn.momentum == pytest.approx(0.01) and bn.eps == pytest.approx(1e-3)
+
+
+def test_same_padding_and_strides_like_keras():
+    spec = parse_spec(_spec([{"type": "Conv2D", "filters": 4, "kernel_size": 3, "strides": 2,
+                              "padding": "same"}, {"type": "GlobalAveragePooling2D"},
+                             {"type": "Dense", "units": 10}]))
+    assert spec.layers[0].output_shape == (14, 14, 4)
+    model = build_model(spec)
+    assert model.layers[0](torch.zeros(1, 1, 28, 28)).shape == (1, 4, 14, 14)
+
+
+def test_residual_block_shapes():
+    spec = parse_spec(_spec([
+        {"type": "Conv2D", "filters": 8, "kernel_size": 3, "padding": "same"},
+        {"type": "Residual", "layers": [
+            {"type": "Conv2D", "filters": 16, "kernel_size": 3, "strides": 2, "padding": "same"},
+            {"type": "BatchNormalization"}, {"type": "Activation", "activation": "relu"},
+            {"type": "Conv2D", "filters": 16, "kernel_size": 3, "padding": "same"}]},
+        {"type": "GlobalAveragePooling2D"}, {"type": "Dense", "units": 10}]))
+    assert spec.layers[1].output_shape == (14, 14, 16)
+    model = build_model(spec, seed=0)
+    assert sum(p.numel() for p in model.parameters()) + 2 * 16 + 2 * 16 == spec.total_params
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)

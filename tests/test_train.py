@@ -1,0 +1,137 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fashion_cnn import run
+from fashion_cnn.build import build_model
+from fashion_cnn.config import to_toml
+from fashion_cnn.spec import parse_spec
+from fashion_cnn.train import Trainer
+from fashion_cnn.zoo import load_config
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "fashion_cnn", *args], capture_output=True, text=True)
+
+
+def test_two_runs_give_identical_weights_and_history(real_data, tmp_path):
+    kwargs = dict(data=real_data, progress=False, plots=False, subset=1500, epochs=1, threads=2)
+    a = run.train("model2", tmp_path / "a", **kwargs)
+    b = run.train("model2", tmp_path / "b", **kwargs)
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]
+    assert strip(a.history) == strip(b.history)
+    c = run.train("model2", tmp_path / "c", **{**kwargs, "seed": 1})
+    wc = load_file(tmp_path / "c" / "model.safetensors")
+    assert not torch.equal(wa["layers.0.0.weight"], wc["layers.0.0.weight"])
+
+
+def test_run_directory_contents_and_evaluate_reproduces_metrics(real_data, tmp_path):
+    result = run.train("seed-model1", tmp_path / "r", data=real_data, progress=False, plots=False,
+                       subset=1000, epochs=2)
+    r = tmp_path / "r"
+    for name in ("config.toml", "history.csv", "model.safetensors", "metrics.json"):
+        assert (r / name).is_file(), name
+    header, *rows = (r / "history.csv").read_text().strip().splitlines()
+    assert header.split(",")[:6] == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "penalty"]
+    assert len(rows) == 2
+    metrics = json.loads((r / "metrics.json").read_text())
+    for key in ("test_loss", "test_accuracy", "params", "epochs", "train_seconds", "samples_per_second"):
+        assert key in metrics
+    assert metrics["params"] == 93322 and metrics["epochs"] == 2
+    again = run.evaluate_run(r, data=real_data)
+    assert again["test_accuracy"] == metrics["test_accuracy"]
+    assert again["test_loss"] == pytest.approx(metrics["test_loss"], rel=1e-6)
+    # The saved config alone re-creates the run's configuration.
+    cfg = load_config(str(r / "config.toml"))
+    assert cfg.fingerprint() == result.config.fingerprint()
+    assert to_toml(cfg) == (r / "config.toml").read_text()
+
+
+def test_existing_run_dir_is_never_overwritten(real_data, tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "keep.txt").write_text("mine")
+    result = cli("train", "dense", "--out", str(tmp_path / "r"), "--subset", "200", "--epochs", "1")
+    assert result.returncode == 2 and "already exists" in result.stderr
+    assert (tmp_path / "r" / "keep.txt").read_text() == "mine"
+
+
+def test_regularization_penalty_equals_hand_computation():
+    spec = parse_spec({"input_shape": [28, 28, 1], "layers": [
+        {"type": "Flatten"},
+        {"type": "Dense", "units": 3, "kernel_regularizer": "l2(0.01)", "bias_regularizer": "l1(0.5)"},
+        {"type": "Dense", "units": 10, "kernel_regularizer": "l1_l2(l1=0.1, l2=0.2)"}]})
+    model = build_model(spec, seed=0)
+    d1, d2 = model.layers[1], model.layers[2]  # no activation: bare Linear modules
+    with torch.no_grad():
+        d1.bias.copy_(torch.tensor([1.0, -2.0, 3.0]))
+    expected = (0.01 * (d1.weight ** 2).sum() + 0.5 * d1.bias.abs().sum()
+                + 0.1 * d2.weight.abs().sum() + 0.2 * (d2.weight ** 2).sum())
+    assert torch.allclose(model.regularization_penalty(), expected)
+    assert model.regularization_penalty().item() > 3.0  # the l1 bias term alone is 3.0
+
+
+def test_penalty_recorded_separately_and_in_loss(real_data):
+    cfg = run.resolve_config("seed-model1-l2", **{"data.subset": 600, "train.epochs": 1})
+    splits = run.splits_for(cfg, real_data)
+    trainer = Trainer(cfg, splits)
+    logs = trainer.fit()[0]
+    assert logs["penalty"] > 0
+    plain = trainer.model.regularization_penalty().item()
+    val_data_loss = run.evaluate(trainer.model, splits.x_val, splits.y_val)["loss"]
+    assert logs["val_loss"] == pytest.approx(val_data_loss + plain, rel=1e-5)
+
+
+def test_dropout_active_only_in_training():
+    model = build_model(load_config("model2").model, seed=0)
+    x = torch.randn(4, 1, 28, 28)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+def test_recipe_settings_and_overrides(tmp_path):
+    cfg = run.resolve_config("seed-model4", **{"train.epochs": 3, "augment.enabled": False})
+    assert cfg.train.batch_size == 128 and cfg.train.steps_fraction == 0.75
+    assert cfg.train.epochs == 3 and cfg.augment.enabled is False
+    assert cfg.augment.rotation_range == 2.0 and cfg.pad == 4
+    assert run.resolve_config("seed-model2").train.batch_size == 32
+
+
+def test_steps_fraction_runs_fewer_steps(real_data):
+    cfg = run.resolve_config("seed-model4", **{"data.subset": 1280, "train.epochs": 1})
+    trainer = Trainer(cfg, run.splits_for(cfg, real_data))
+    trainer.fit()
+    assert trainer.state.step == int(8 * 0.75)  # 1024 training images / 128 = 8 steps
+
+
+def test_cli_train_and_evaluate_smoke(real_data, tmp_path):
+    out = tmp_path / "run"
+    result = cli("train", "dense", "--subset", "500", "--epochs", "1", "--out", str(out),
+                 "--no-plots", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "Test accuracy:" in result.stdout and str(out) in result.stdout
+    result = cli("evaluate", str(out), "--json")
+    assert result.returncode == 0
+    payload = json.loads(result.stdout)
+    assert payload["test_accuracy"] == json.loads((out / "metrics.json").read_text())["test_accuracy"]
+    assert set(payload["per_class_accuracy"]) >= {"T-shirt/top", "Ankle boot"}
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["train", "model1", "--epochs", "0"], "[train] epochs must be at least 1"),
+    (["train", "model1", "--set", "train.optimiser=sgd"], "unknown setting 'optimiser'"),
+    (["train", "model1", "--set", "augment.fill_mode=wrap"], "must be one of nearest, constant, reflect"),
+    (["summary", "nosuch.toml"], "nosuch.toml: file not found"),
+    (["evaluate", "/nonexistent/run"], "not a run directory"),
+])
+def test_user_errors_are_one_line(args, fragment):
+    result = cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and fragment in result.stderr
