@@ -158,6 +158,21 @@ def _layer(spec: LayerSpec, regularized: list) -> nn.Module:
     return nn.Sequential(module, activation) if activation is not None else module
 
 
+def _pool_before_relu(layers: nn.ModuleList) -> None:
+    """Conv2D(relu) then MaxPooling2D: apply the ReLU after the pool instead.
+
+    max and ReLU are both monotone, so relu(maxpool(z)) == maxpool(relu(z)) exactly, values and
+    gradients alike; the ReLU then runs (forward and backward) on a 4x smaller tensor, which
+    saves about a tenth of model1's step time. The layers keep their names and parameters.
+    """
+    for i in range(len(layers) - 1):
+        conv, pool = layers[i], layers[i + 1]
+        if (isinstance(conv, nn.Sequential) and len(conv) == 2 and isinstance(conv[1], nn.ReLU)
+                and isinstance(pool, nn.MaxPool2d)):
+            layers[i] = conv[0]
+            layers[i + 1] = nn.Sequential(pool, nn.ReLU())
+
+
 class KerasSequential(nn.Module):
     """A stack of layers built from a ModelSpec. forward() returns logits (B, n_classes).
 
@@ -170,6 +185,8 @@ class KerasSequential(nn.Module):
         self._regularized: list[tuple[nn.Parameter, Regularizer]] = []
         self.layers = nn.ModuleList(_layer(layer, self._regularized) for layer in spec.layers)
         self.layer_names = [layer.name for layer in spec.layers]
+        _pool_before_relu(self.layers)
+
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -196,7 +213,7 @@ class KerasSequential(nn.Module):
         """(layer name, kernel) for every Conv2D and Dense layer, in order (for histograms)."""
         out = []
         for name, layer in zip(self.layer_names, self.layers):
-            core = layer[0] if isinstance(layer, nn.Sequential) else layer
+            core = layer[0] if isinstance(layer, nn.Sequential) else layer  # (module, activation)
             if isinstance(core, (nn.Conv2d, nn.Linear)):
                 out.append((name, core.weight.detach()))
         return out
