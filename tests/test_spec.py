@@ -45,11 +45,33 @@ def test_every_recipe_resolves(name):
 
 def test_glorot_uniform_and_zero_bias():
     model = build_model(get_model_spec("model1"), seed=0)
-    conv = model.layers[2][0]  # conv2d_1: 3x3x32 -> 64
+    conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][1]  # conv2d_1: 3x3x32 -> 64
     limit = math.sqrt(6.0 / (9 * 32 + 9 * 64))
     assert conv.weight.abs().max() <= limit
     assert conv.weight.abs().max() > 0.95 * limit  # fills the range
     assert torch.all(conv.bias == 0)
+
+
+def test_relu_after_pool_reordering_is_exact():
+    # The builder applies a Conv2D's ReLU after the following max pool; check against the
+    # layer order as written, values and gradients.
+    model = build_model(get_model_spec("model1"), seed=0)
+    conv1, conv2, conv3 = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    dense1, dense2 = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    pool = torch.nn.functional.max_pool2d
+    x = torch.randn(5, 1, 28, 28)
+
+    def as_written(x):
+        h = pool(torch.relu(conv1(x)), 2)
+        h = pool(torch.relu(conv2(h)), 2)
+        h = torch.relu(conv3(h)).flatten(1)
+        return dense2(torch.relu(dense1(h)))
+
+    expected, actual = as_written(x), model(x)
+    assert torch.allclose(actual, expected, atol=1e-6)
+    g1 = torch.autograd.grad(expected.sum(), conv1.weight)[0]
+    g2 = torch.autograd.grad(actual.sum(), conv1.weight)[0]
+    assert torch.allclose(g1, g2, atol=1e-5)
 
 
 def test_padding_model_input_shapes():
