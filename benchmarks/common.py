@@ -1,0 +1,113 @@
+"""Shared pieces of the benchmark scripts: machine description, statistics, tables, JSON.
+
+The scripts import this as a sibling module (`python benchmarks/NAME.py` puts this folder on
+sys.path), so it is no part of the installed package.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fashion_cnn import fileio
+from fashion_cnn.perf import bf16_supported
+
+BENCH_DIR = Path(__file__).resolve().parent
+OUT_DIR = BENCH_DIR / "out"  # git-ignored
+TRAIN_SPLIT_IMAGES = 48_000  # 60,000 training images minus the last 20 % held out for validation
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """What a reader needs to compare figures: CPU, cores, threads, versions, date."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "bf16_native": bf16_supported(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def spread(values) -> dict:
+    """Mean, sample standard deviation, min and max of the non-missing values."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    return {"n": len(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB.
+
+    /proc's VmHWM where there is one: Linux carries a parent's RSS over fork + exec into the
+    child's getrusage ru_maxrss, which then overstates a process started from a large one.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # KiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A plain fixed-width table (first column left-aligned, the others right-aligned)."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)]
+                     + [line(row) for row in cells[1:]])
+
+
+def write_result(path: str | os.PathLike, result: dict) -> Path:
+    path = Path(path)
+    fileio.write_json(path, result)
+    print(f"\nwrote {path}")
+    return path
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

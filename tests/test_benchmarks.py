@@ -1,0 +1,120 @@
+"""Each benchmark script runs on its tiny --smoke setting and writes the JSON it promises.
+
+Only that the scripts work is tested here, never how fast anything is. The Keras side of
+vs_keras needs its own TensorFlow environment (benchmarks/.venv-keras) and some 20 s; it is
+checked only when FASHION_CNN_TEST_KERAS=1 is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REAL_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+pytestmark = [
+    pytest.mark.realdata,
+    pytest.mark.skipif(not any((REAL_DIR / name).exists() for name in
+                               ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte")),
+                       reason="the real Fashion-MNIST files are not installed"),
+]
+
+
+def run_smoke(script: str, tmp_path: Path, *extra: str) -> tuple[dict, str]:
+    out = tmp_path / f"{script}.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), "--smoke",
+                           "--out", str(out), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"wrote {out}" in done.stdout
+    return json.loads(out.read_text()), done.stdout
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+def test_train_speed_smoke(tmp_path):
+    # dense (no conv) and model4 (padded input, augmentation) cover the code paths; --memory
+    # runs a short `fashion-cnn train` in a child process
+    result, stdout = run_smoke("train_speed", tmp_path, "--recipes", "seed-dense", "seed-model4",
+                               "--memory", "--memory-recipes", "seed-dense")
+    assert result["benchmark"] == "train_speed"
+    assert result["machine"]["cpu"] and positive(result["machine"]["torch_threads"])
+    precisions = set(result["matmul_peak_gflops"])
+    assert "fp32" in precisions and precisions <= {"fp32", "bf16"}
+    assert all(positive(v) for v in result["matmul_peak_gflops"].values())
+    rows = result["results"]
+    assert {(r["recipe"], r["precision"]) for r in rows} == {
+        (recipe, p) for recipe in ("seed-dense", "seed-model4") for p in precisions}
+    for row in rows:
+        for key in ("seconds_per_epoch", "images_per_second", "gflops_per_second",
+                    "fraction_of_peak", "floor_seconds_per_epoch", "ratio_to_floor",
+                    "test_eval_seconds", "train_flops_per_image"):
+            assert positive(row[key]), (row["recipe"], key, row[key])
+        assert len(row["seconds_per_epoch_runs"]) == 1  # --smoke: one round
+    model4 = next(r for r in rows if r["recipe"] == "seed-model4")
+    assert model4["augment"] and model4["input"] == [36, 36, 1]
+    assert [m["recipe"] for m in result["memory"]] == ["seed-dense"]
+    assert all(positive(m["peak_rss_mib"]) and positive(m["wall_seconds"])
+               for m in result["memory"])
+    assert "seed-model4" in stdout and "peak RSS MiB" in stdout
+
+
+def test_time_to_accuracy_smoke(tmp_path):
+    result, stdout = run_smoke("time_to_accuracy", tmp_path)
+    assert result["benchmark"] == "time_to_accuracy"
+    (run,) = result["runs"]
+    assert run["recipe"] == "seed-model1" and run["epochs"] == 1
+    assert positive(run["train_seconds"]) and positive(run["probe_seconds"])
+    assert set(run["reached"]) == {"0.9", "0.926", "0.94", "0.95"}
+    (epoch,) = run["per_epoch"]
+    assert positive(epoch["train_seconds"]) and 0.0 <= epoch["test_accuracy"] <= 1.0
+    assert 0.0 <= run["final_test_accuracy"] <= 1.0
+    (summary,) = result["summaries"]
+    assert summary["recipe"] == "seed-model1" and summary["train_seconds"]["n"] == 1
+    assert summary["thresholds"]["0.926"]["of"] == 1
+    assert ">= 0.926" in stdout
+
+
+def check_vs_keras(result: dict, with_keras: bool) -> None:
+    assert result["benchmark"] == "vs_keras"
+    (model1,) = result["results"]
+    assert model1["recipe"] == "seed-model1" and model1["batch_size"] == 128
+    sides = model1["sides"]
+    assert {f"ours-{p}" for p in result["precisions"]} <= set(sides)
+    assert ("keras" in sides) == with_keras
+    for name, side in sides.items():
+        assert positive(side["median_epoch_seconds"]), name
+        assert len(side["epoch_seconds"]) == 1
+        assert 0.0 <= side["test_accuracy"] <= 1.0
+        assert side["train_images"] == 409  # subset 512 minus the last 20 % for validation
+    if with_keras:
+        assert all(positive(v) for v in model1["speedup_vs_keras"].values())
+        assert positive(sides["keras"]["peak_rss_mib"])
+    else:
+        assert result["keras_skipped"] and model1["speedup_vs_keras"] == {}
+
+
+def test_vs_keras_smoke_without_keras(tmp_path):
+    result, stdout = run_smoke("vs_keras", tmp_path, "--no-keras")
+    check_vs_keras(result, with_keras=False)
+    assert "NOTE: Keras side skipped" in stdout
+
+
+@pytest.mark.skipif(os.environ.get("FASHION_CNN_TEST_KERAS") != "1",
+                    reason="set FASHION_CNN_TEST_KERAS=1 to run TensorFlow/Keras (its own venv)")
+def test_vs_keras_smoke_with_keras(tmp_path):
+    venv = BENCHMARKS / ".venv-keras"
+    if not (venv / "bin" / "python").exists():
+        pytest.skip(f"{venv} is not set up: python benchmarks/vs_keras.py --setup-only")
+    result, _ = run_smoke("vs_keras", tmp_path)
+    check_vs_keras(result, with_keras=True)
