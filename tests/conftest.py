@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,10 @@ from fashion_cnn import data as fdata
 REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Each test session decodes into its own cache; the user's cache is never touched."""
-    cache = tmp_path_factory.getbasetemp() / "cache"
-    monkeypatch.setenv("FASHION_CNN_CACHE", str(cache))
-    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+def pytest_configure(config):
+    """The whole session decodes into its own cache; the user's cache is never touched."""
+    os.environ["FASHION_CNN_CACHE"] = tempfile.mkdtemp(prefix="fashion-cnn-test-cache-")
+    os.environ.pop("FASHION_MNIST_DIR", None)
 
 
 def make_idx_dir(directory: Path, n_train: int = 60, n_test: int = 20, gz: bool = True,
