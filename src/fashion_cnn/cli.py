@@ -150,6 +150,14 @@ def _print_result(result) -> None:
           f"{m['epochs']} epochs, {m['train_seconds']:.1f} s of training")
     print(f"Run directory: {result.run_dir} (config.toml, history.csv, model.safetensors, "
           f"metrics.json, checkpoints/, plots/)")
+    from .plots import read_per_class
+
+    plots_dir, metrics = result.run_dir / "plots", result.run_dir / "metrics.json"
+    fresh = (plots_dir / "per_class.csv").is_file() and metrics.is_file() and (
+        (plots_dir / "per_class.csv").stat().st_mtime_ns >= metrics.stat().st_mtime_ns)
+    table = read_per_class(plots_dir) if fresh else None  # not one left by an earlier run
+    if table:
+        print(table)
 
 
 def cmd_resume(args) -> int:
@@ -180,6 +188,23 @@ def cmd_augment_preview(args) -> int:
 
     path = augmentation_preview(args.recipe, args.out, n=args.n, seed=args.seed)
     print(f"Wrote {path}")
+    return 0
+
+
+def cmd_plots(args) -> int:
+    from .plots import plots_from_run
+
+    out, table = plots_from_run(args.run_dir, checkpoint=args.checkpoint, out_dir=args.out)
+    print(table)
+    print(f"Wrote the figures and tables into {out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .plots import compare_runs
+
+    for path in compare_runs(args.run_dirs, args.out):
+        print(f"Wrote {path}")
     return 0
 
 
@@ -231,6 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=8, help="images to show")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_augment_preview)
+
+    p = sub.add_parser("plots", help="regenerate a run's figures from its weights or a checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", help="a checkpoint name or epoch number (figures go to "
+                                        "RUN_DIR/plots/<checkpoint>/)")
+    p.add_argument("--out", help="write into this folder instead")
+    p.set_defaults(func=cmd_plots)
+
+    p = sub.add_parser("compare", help="overlaid learning curves and weight histograms of runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="folder for learning_curves.png and weights.png")
+    p.set_defaults(func=cmd_compare)
 
     return parser
 
