@@ -291,7 +291,10 @@ def test_activations_show_every_conv_layer_for_one_image_per_class():
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["input", "conv2d\n26x26x32", "conv2d_1\n11x11x64", "conv2d_2\n3x3x64"]
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == plots.CLASS_NAMES
-    assert len(fig.axes[1].images) == 10 * 8
+    mosaic = fig.axes[1].images[0].get_array()  # 10 classes x 8 channels of 78-pixel tiles
+    gap = round(plots.TILE_PIXELS * plots.TILE_GAP)
+    assert mosaic.shape == (10 * (plots.TILE_PIXELS + gap) - gap, 8 * (plots.TILE_PIXELS + gap) - gap)
+    assert np.nanmin(mosaic) >= 0 and np.nanmax(mosaic) <= 1  # each channel scaled to [0, 1]
     dense = build_model(get_model_spec("dense"), seed=0)  # no conv layer: still a figure
     assert isinstance(plots.figure_activations(dense, torch.randn(10, 1, 28, 28), labels[:10]), Figure)
 

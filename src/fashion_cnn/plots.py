@@ -530,18 +530,44 @@ def conv_activations(model, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     return outputs
 
 
+TILE_PIXELS = 78  # every map is resampled (nearest) to this square: 26x26 and 3x3 exactly
+
+
+def _mosaic(maps: np.ndarray) -> np.ndarray:
+    """maps (rows, cols, h, w) -> one image of TILE_PIXELS tiles separated by NaN gaps.
+
+    One image per layer instead of one per map: drawing 250 small images costs far more.
+    """
+    rows, cols, h, w = maps.shape
+    gap = round(TILE_PIXELS * TILE_GAP)
+    pitch = TILE_PIXELS + gap
+    # nearest-neighbour index of each output pixel in the source map
+    iy = np.arange(TILE_PIXELS) * h // TILE_PIXELS
+    ix = np.arange(TILE_PIXELS) * w // TILE_PIXELS
+    tiles = maps[:, :, iy][:, :, :, ix]  # (rows, cols, T, T)
+    out = np.full((rows * pitch - gap, cols * pitch - gap), np.nan, dtype=np.float32)
+    for r in range(rows):
+        for c in range(cols):
+            out[r * pitch:r * pitch + TILE_PIXELS, c * pitch:c * pitch + TILE_PIXELS] = tiles[r, c]
+    return out
+
+
 def _draw_tiles(ax, maps: np.ndarray, cmap, vmin=None, vmax=None, frame: bool = False) -> None:
-    """maps (rows, cols, h, w): each map drawn into a unit square of data space, so maps of
+    """maps (rows, cols, h, w) drawn as a grid in data units (one unit per tile), so maps of
     any size (26x26 or 3x3) line up row by row across layers."""
+    from matplotlib import colormaps
     from matplotlib.patches import Rectangle
 
     rows, cols = maps.shape[:2]
     size = 1.0 - TILE_GAP
-    for r in range(rows):
-        for c in range(cols):
-            ax.imshow(maps[r, c], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest",
-                      extent=(c, c + size, r + size, r))
-            if frame:  # white-background images need an edge to show their extent
+    colormap = colormaps[cmap].with_extremes(bad="white")  # NaN gaps show white
+    if vmin is None:  # one range for the whole panel
+        vmin, vmax = float(np.nanmin(maps)), float(np.nanmax(maps))
+    ax.imshow(_mosaic(maps), cmap=colormap, vmin=vmin, vmax=vmax, interpolation="nearest",
+              extent=(0, cols - TILE_GAP, rows - TILE_GAP, 0))
+    if frame:  # white-background images need an edge to show their extent
+        for r in range(rows):
+            for c in range(cols):
                 ax.add_patch(Rectangle((c, r), size, size, fill=False, edgecolor="0.75",
                                        linewidth=0.6))
     ax.set_xlim(-TILE_GAP / 2, cols - TILE_GAP / 2)
