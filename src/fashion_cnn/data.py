@@ -130,7 +130,8 @@ def parse_idx(raw: bytes, path: Path, expect_ndim: int) -> np.ndarray:
         raise DataError(f"{path}: header announces {dims[0]} items but the file holds "
                         f"{payload / max(1, expected_bytes // max(1, dims[0])):g} "
                         f"({payload} data bytes, expected {expected_bytes}); {FIX_HINT}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    # a writable copy: torch.from_numpy warns on the read-only view of `raw`
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
 def _verify_file(key: str, path: Path, check_md5: bool) -> np.ndarray:
