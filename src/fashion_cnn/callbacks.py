@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from . import fileio
-from .checkpoint import list_checkpoints, save_checkpoint
+from .checkpoint import (load_weights, read_checkpoint_meta, remove_checkpoint, save_checkpoint,
+                         scan_checkpoints)
+from .errors import CheckpointError, SpecError, UserError
 
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "penalty", "lr", "seconds"]
 
@@ -90,54 +91,135 @@ class ProgressBar:
         self.stream.write(("\r" if self.tty else "") + " - ".join(parts).ljust(self.width + 40) + "\n")
         self.stream.flush()
 
+    def on_interrupt(self, trainer):
+        if self.tty:  # end the bar's line before the stop message
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def on_train_end(self, trainer):
+        reason = getattr(trainer, "stop_reason", None)
+        if reason:
+            self.stream.write(reason + "\n")
+            self.stream.flush()
+
+
+def check_options(cfg) -> None:
+    """Refuse checkpoint settings that cannot work, before a run directory is made."""
+    c = cfg.checkpoint
+    ModelCheckpoint(Path("."), c.every, c.filename)  # validates the name pattern
+    if c.monitor.startswith("val_") and cfg.data.validation_split == 0:
+        for wanted, flag in ((c.save_best_only, "--save-best-only"),
+                             (c.early_stopping, "--early-stopping"),
+                             (c.restore_best, "--restore-best")):
+            if wanted:
+                raise UserError(f"{flag} monitors {c.monitor}, but there is no validation split "
+                                f"(set --validation-split above 0, or --monitor loss)")
+
+
+def _monitor_missing(trainer, monitor: str) -> bool:
+    return monitor.startswith("val_") and len(trainer.splits.x_val) == 0
+
+
+def _needs_validation(trainer, monitor: str, what: str) -> None:
+    if _monitor_missing(trainer, monitor):
+        raise UserError(f"{what} monitors {monitor}, but there is no validation split "
+                        f"(set --validation-split above 0, or --monitor loss)")
+
 
 class ModelCheckpoint:
-    """Keras' ModelCheckpoint with full training state, `best` kept alongside.
+    """Keras' ModelCheckpoint with the full training state, and a `best` checkpoint alongside.
 
-    Writes `checkpoints/<filename with {epoch}>` every `every` epochs (or only on improvement
-    with save_best_only), keeps the newest `keep_last`, and maintains `checkpoints/best`
-    (the epoch with the best `monitor`). On interrupt it writes a mid-epoch checkpoint.
+    Writes `checkpoints/<filename with {epoch} counting from 1>` every `every` epochs, or only
+    when `monitor` improves with save_best_only; keeps the newest `keep_last` of those (0 = all);
+    maintains `checkpoints/best` when `keep_best`. On SIGINT/SIGTERM (on_interrupt) it writes
+    `checkpoints/interrupted_e<epoch>_b<batch>`, removed once a later epoch checkpoint exists.
     """
 
     def __init__(self, run_dir: Path, every=1, filename="epoch_{epoch}", save_best_only=False,
-                 monitor="val_loss", keep_last=0, min_delta=0.0):
+                 monitor="val_loss", keep_last=0, min_delta=0.0, keep_best=True):
         self.root = Path(run_dir) / "checkpoints"
         self.every, self.filename, self.save_best_only = every, filename, save_best_only
         self.monitor, self.mode, self.keep_last = monitor, monitor_mode(monitor), keep_last
-        self.min_delta = min_delta
+        self.min_delta, self.keep_best = min_delta, keep_best
+        try:
+            name = filename.format(epoch=1)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise SpecError(f"[checkpoint] filename {filename!r}: only {{epoch}} may be "
+                            f"filled in ({type(exc).__name__}: {exc})") from None
+        if name == "best" or name.startswith(("interrupted_", ".")) or "/" in name:
+            raise SpecError(f"[checkpoint] filename {filename!r}: 'best', 'interrupted_...' and "
+                            f"hidden names are taken")
 
     def path_for(self, epoch: int) -> Path:
+        """The checkpoint for 1-based `epoch`: "model1_{epoch}" -> checkpoints/model1_3."""
         return self.root / self.filename.format(epoch=epoch)
 
-    def on_epoch_end(self, trainer, epoch, logs):
-        history = trainer.state.history
-        prior_index, prior_best = best_epoch(history[:-1], self.monitor)
-        is_best = improved(logs.get(self.monitor), prior_best, self.mode)
-        if is_best:
-            save_checkpoint(trainer, self.root / "best")
+    def on_train_begin(self, trainer):
         if self.save_best_only:
-            if is_best:
-                save_checkpoint(trainer, self.path_for(epoch + 1))
-        elif self.every and (epoch + 1) % self.every == 0:
-            save_checkpoint(trainer, self.path_for(epoch + 1))
-        self._prune()
+            _needs_validation(trainer, self.monitor, "--save-best-only")
+        elif _monitor_missing(trainer, self.monitor):
+            self.keep_best = False  # nothing to rank epochs by: no `best` checkpoint
+        # Resumed from `best` (a crash came between writing it and the epoch checkpoint, or the
+        # epoch checkpoint is corrupt): write the epoch checkpoint that is due now. The state is
+        # the one `best` holds, so it equals what the uninterrupted run wrote.
+        s = trainer.state
+        if s.epoch and s.batch_in_epoch == 0 and self._is_best_and_due(s.history)[1]:
+            path = self.path_for(s.epoch)
+            try:
+                meta = read_checkpoint_meta(path)
+                intact = (meta["epoch"], meta["step"]) == (s.epoch, s.step)
+            except CheckpointError:
+                intact = False
+            if not intact:
+                trainer.last_checkpoint = save_checkpoint(trainer, path, kind="epoch")
+                self._prune()
+
+    def _is_best_and_due(self, history: list[dict]) -> tuple[bool, bool]:
+        """For the last epoch of `history`: (improved on all before it, epoch checkpoint due)."""
+        _, prior_best = best_epoch(history[:-1], self.monitor, self.min_delta)
+        is_best = improved(history[-1].get(self.monitor), prior_best, self.mode, self.min_delta)
+        if self.save_best_only:
+            return is_best, is_best
+        return is_best, bool(self.every) and len(history) % self.every == 0
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        is_best, due = self._is_best_and_due(trainer.state.history)
+        # `best` goes first: a crash before the epoch checkpoint then resumes from `best` or
+        # the previous epoch, and both lead to the same files. The other order could leave a
+        # `best` older than the true best behind a newer epoch checkpoint.
+        if is_best and self.keep_best:
+            trainer.last_checkpoint = save_checkpoint(trainer, self.root / "best", kind="best")
+        if due:
+            trainer.last_checkpoint = save_checkpoint(trainer, self.path_for(epoch + 1), kind="epoch")
+            self._prune()
 
     def on_interrupt(self, trainer):
         s = trainer.state
-        save_checkpoint(trainer, self.root / f"interrupted_e{s.epoch + 1}_b{s.batch_in_epoch}")
+        path = self.root / f"interrupted_e{s.epoch + 1}_b{s.batch_in_epoch}"
+        save_checkpoint(trainer, path, kind="interrupt")
+        trainer.interrupt_checkpoint = path
 
     def _prune(self):
-        if not self.keep_last:
+        """Drop interrupt checkpoints older than the newest epoch checkpoint, then all but the
+        newest `keep_last` epoch checkpoints. `best` and unreadable ones are left alone."""
+        infos = [i for i in scan_checkpoints(self.root.parent) if i.kind in ("epoch", "interrupt")]
+        epochs = [i for i in infos if i.kind == "epoch"]
+        if not epochs:
             return
-        for path in list_checkpoints(self.root.parent)[:-self.keep_last]:
-            shutil.rmtree(path, ignore_errors=True)
+        newest = max(i.position for i in epochs)
+        doomed = [i for i in infos if i.kind == "interrupt" and i.position < newest]
+        if self.keep_last:
+            doomed += sorted(epochs, key=lambda i: i.position)[:-self.keep_last]
+        for info in doomed:
+            remove_checkpoint(info.path)
 
 
 class EarlyStopping:
     """Stop after `patience` epochs without improvement of `monitor` (Keras' semantics).
 
-    With restore_best, the weights of the best epoch are restored at the end of training,
-    from the run's `best` checkpoint (so this survives a resume too).
+    The decision is derived from the history, so a resumed run stops where an uninterrupted
+    one would have. With restore_best, the best epoch's weights are restored at the end of
+    training (as Keras 3 does), from memory or, after a resume, from its checkpoint.
     """
 
     def __init__(self, patience: int, monitor="val_loss", min_delta=0.0, restore_best=False,
@@ -145,22 +227,62 @@ class EarlyStopping:
         self.patience, self.monitor, self.min_delta = patience, monitor, min_delta
         self.restore_best, self.run_dir = restore_best, run_dir
         self.stopped_epoch: int | None = None
+        self.restored_epoch: int | None = None
         self._best_weights = None
+        self._best_index: int | None = None
+
+    def on_train_begin(self, trainer):
+        _needs_validation(trainer, self.monitor, "--early-stopping or --restore-best")
+        self._check(trainer)
 
     def on_epoch_end(self, trainer, epoch, logs):
         index, _ = best_epoch(trainer.state.history, self.monitor, self.min_delta)
         if self.restore_best and index == len(trainer.state.history) - 1:
             self._best_weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-        waited = len(trainer.state.history) - 1 - (index if index is not None else -1)
+            self._best_index = index
+        self._check(trainer)
+
+    def _check(self, trainer):
+        history = trainer.state.history
+        if not history:
+            return
+        index, _ = best_epoch(history, self.monitor, self.min_delta)
+        waited = len(history) - 1 - (index if index is not None else -1)
         if waited >= self.patience:
             trainer.stop_training = True
-            self.stopped_epoch = epoch + 1
+            self.stopped_epoch = len(history)
+            trainer.stop_reason = (f"Early stopping: no improvement of {self.monitor} for "
+                                   f"{waited} epochs after epoch {index + 1 if index is not None else '-'}; "
+                                   f"stopped after epoch {len(history)}")
 
     def on_train_end(self, trainer):
         if not self.restore_best:
             return
-        if self._best_weights is not None:
+        index, _ = best_epoch(trainer.state.history, self.monitor, self.min_delta)
+        if index is None:
+            return
+        if self._best_weights is not None and self._best_index == index:
             trainer.model.load_state_dict(self._best_weights)
-        elif self.run_dir is not None and (Path(self.run_dir) / "checkpoints" / "best").is_dir():
-            from .checkpoint import load_weights
-            load_weights(trainer.model, Path(self.run_dir) / "checkpoints" / "best" / "model.safetensors")
+        else:
+            path = self._checkpoint_of(index + 1)
+            if path is None:
+                print(f"warning: cannot restore the weights of the best epoch ({index + 1}): no "
+                      f"intact checkpoint of it is left; keeping the last epoch's", file=sys.stderr)
+                return
+            load_weights(trainer.model, path / "model.safetensors")
+        self.restored_epoch = index + 1
+
+    def _checkpoint_of(self, epoch: int) -> Path | None:
+        """A verified end-of-epoch checkpoint of 1-based `epoch`: `best` first, then any."""
+        if self.run_dir is None:
+            return None
+        infos = scan_checkpoints(self.run_dir)
+        infos.sort(key=lambda i: i.kind != "best")
+        for info in infos:
+            if info.kind in ("best", "epoch") and info.epoch == epoch:
+                try:
+                    read_checkpoint_meta(info.path)
+                except CheckpointError:
+                    continue
+                return info.path
+        return None

@@ -125,6 +125,9 @@ def cmd_train(args) -> int:
 
     overrides = _train_overrides(args)
     if args.resume:
+        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise UserError(f"--out {args.out} and --resume {args.resume} name different run "
+                            f"directories; a resumed run stays in its own")
         expected = run.resolve_config(args.model, **overrides)
         epochs = overrides.get("train.epochs")
         result = run.resume(args.resume, epochs=epochs, expect=_without_epochs(expected, args.resume),

@@ -19,6 +19,8 @@ def _describe_os_error(path: Path, exc: OSError) -> str:
         return f"cannot write {path}: the disk is full (free some space and try again)"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {path}: permission denied (choose another --out directory)"
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"cannot write {path}: a part of the path is a file, not a directory"
     return f"cannot write {path}: {exc.strerror or exc}"
 
 
@@ -66,19 +68,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _fault_hook(point: str, path: Path) -> None:
+def _fault_hook(point: str, path, until: Callable[[], bool] | None = None) -> None:
     """Test hook: pause at a named point so a test can SIGKILL the process mid-write.
 
-    Active only when FASHION_CNN_PAUSE_AT names the point; the process then writes a marker
-    file FASHION_CNN_PAUSE_MARKER and sleeps. Never set in normal use.
+    Active only when FASHION_CNN_PAUSE_AT names the point and FASHION_CNN_PAUSE_PATH (if set)
+    occurs in `path`; the process then writes `path` to the marker file
+    FASHION_CNN_PAUSE_MARKER and sleeps (up to an hour, or until `until()` is true, so that a
+    SIGTERM handler can end the pause). Never set in normal use.
     """
-    if os.environ.get("FASHION_CNN_PAUSE_AT") == point:
-        marker = os.environ.get("FASHION_CNN_PAUSE_MARKER")
-        if marker:
-            Path(marker).write_text(str(path))
-        import time
+    if os.environ.get("FASHION_CNN_PAUSE_AT") != point:
+        return
+    if os.environ.get("FASHION_CNN_PAUSE_PATH", "") not in str(path):
+        return
+    marker = os.environ.get("FASHION_CNN_PAUSE_MARKER")
+    if marker:
+        Path(marker).write_text(str(path))
+    import time
 
-        time.sleep(3600)
+    deadline = time.monotonic() + 3600
+    while time.monotonic() < deadline and not (until is not None and until()):
+        time.sleep(0.05)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import resource
+import shlex
 import signal
 import sys
 import time
@@ -22,8 +23,10 @@ import torch
 
 from . import fileio
 from .build import KerasSequential, build_model
-from .callbacks import EarlyStopping, HistoryWriter, ModelCheckpoint, ProgressBar, best_epoch
-from .checkpoint import load_checkpoint, load_weights, newest_intact, save_weights
+from .callbacks import (EarlyStopping, HistoryWriter, ModelCheckpoint, ProgressBar, best_epoch,
+                        check_options)
+from .checkpoint import (checkpoint_weights, load_checkpoint, load_weights, newest_intact,
+                         recover_checkpoints, save_weights)
 from .config import RunConfig, apply_section, overrides_to_sections, to_toml, validate
 from .data import CLASS_NAMES, FashionMNIST, Splits, load_data, make_splits
 from .errors import CheckpointError, SpecError, TrainingStopped, UserError
@@ -67,10 +70,12 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 def _prepare_run_dir(out: str | os.PathLike | None, cfg: RunConfig) -> Path:
     run_dir = Path(out) if out else default_run_dir(cfg)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"{run_dir}: already exists and is not empty; choose another --out, "
-                        f"or continue it with `fashion-cnn resume {run_dir}`")
     try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"{run_dir}: is a file, not a directory; choose another --out")
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UserError(f"{run_dir}: already exists and is not empty; choose another --out, "
+                            f"or continue it with `fashion-cnn resume {run_dir}`")
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("")
@@ -113,9 +118,10 @@ def standard_callbacks(cfg: RunConfig, run_dir: Path, progress: bool = True,
                        plots: bool = True, extra=()) -> list:
     c = cfg.checkpoint
     callbacks = [HistoryWriter(run_dir)]
-    if c.every or c.save_best_only or c.restore_best:
-        callbacks.append(ModelCheckpoint(run_dir, c.every, c.filename, c.save_best_only,
-                                         c.monitor, c.keep_last, c.min_delta))
+    # Always present: it writes the checkpoint of a SIGINT/SIGTERM stop even with every = 0.
+    callbacks.append(ModelCheckpoint(run_dir, c.every, c.filename, c.save_best_only,
+                                     c.monitor, c.keep_last, c.min_delta,
+                                     keep_best=bool(c.every or c.save_best_only or c.restore_best)))
     if c.early_stopping or c.restore_best:
         callbacks.append(EarlyStopping(c.early_stopping or 10 ** 9, c.monitor, c.min_delta,
                                        c.restore_best, run_dir))
@@ -168,9 +174,11 @@ def _run(trainer: Trainer, run_dir: Path, plots: bool) -> RunResult:
         try:
             trainer.fit()
         except TrainingStopped as stop:
-            if stop.exit_code == 130:  # a signal: the checkpoint is written; say how to go on
-                raise TrainingStopped(f"{stop}; checkpoint written; continue with: "
-                                      f"fashion-cnn resume {run_dir}", 130) from None
+            if trainer.interrupt_checkpoint is not None:  # a signal: say how to go on
+                raise TrainingStopped(f"{stop}; checkpoint written to "
+                                      f"{trainer.interrupt_checkpoint}; continue with: "
+                                      f"fashion-cnn resume {shlex.quote(str(run_dir))}",
+                                      stop.exit_code) from None
             raise
     return _finish(trainer, run_dir, already + time.perf_counter() - start, plots)
 
@@ -184,6 +192,7 @@ def train(name_or_config: str | RunConfig, out: str | os.PathLike | None = None,
     """
     overrides = {(k if "." in k else _section_of(k)): v for k, v in overrides.items()}
     cfg = resolve_config(name_or_config, **overrides)
+    check_options(cfg)
     configure_runtime(cfg.train.threads)
     splits = splits_for(cfg, data)
     run_dir = _prepare_run_dir(out, cfg)
@@ -219,22 +228,50 @@ def resume(run_dir: str | os.PathLike, *, epochs: int | None = None,
     cfg = load_run_config(run_dir)
     if expect is not None and expect.fingerprint() != cfg.fingerprint():
         raise UserError(f"{run_dir}: the given options contradict the run's configuration "
-                        f"(see {run_dir / 'config.toml'}); use `fashion-cnn resume {run_dir}`")
+                        f"({config_differences(cfg, expect)}); continue it as it was with "
+                        f"`fashion-cnn resume {shlex.quote(str(run_dir))}`")
     if epochs is not None:
         if epochs < cfg.train.epochs:
             raise UserError(f"--epochs {epochs} is fewer than the run's {cfg.train.epochs}")
         cfg.train.epochs = epochs
-        fileio.write_text(run_dir / "config.toml", to_toml(cfg))
     configure_runtime(cfg.train.threads)
     splits = splits_for(cfg, data)
     trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, plots, callbacks))
+    try:
+        restored = recover_checkpoints(run_dir)
+    except OSError as exc:
+        raise UserError(fileio._describe_os_error(run_dir / "checkpoints", exc)) from None
+    for name in restored:
+        print(f"warning: put back checkpoint {name}, whose rewrite was interrupted",
+              file=sys.stderr)
     found = newest_intact(run_dir)
     if found is None:
-        print(f"warning: {run_dir} has no intact checkpoint; starting from epoch 1",
-              file=sys.stderr)
+        print(f"warning: {run_dir} has no checkpoint yet; starting from epoch 1", file=sys.stderr)
     else:
         load_checkpoint(trainer, found[0])
+        trainer.last_checkpoint = found[0]
+    if epochs is not None:  # only once the checkpoint has loaded
+        fileio.write_text(run_dir / "config.toml", to_toml(cfg))
     return _run(trainer, run_dir, plots)
+
+
+def config_differences(run_cfg: RunConfig, given: RunConfig, limit: int = 3) -> str:
+    """'train.lr: run 0.001, given 0.01; ...' for the settings that differ (epochs excepted)."""
+    def flat(data, prefix=""):
+        items = {}
+        for key, value in data.items():
+            if isinstance(value, dict):
+                items.update(flat(value, f"{prefix}{key}."))
+            else:
+                items[f"{prefix}{key}"] = value
+        return items
+
+    a, b = flat(run_cfg.to_data()), flat(given.to_data())
+    skip = {"description", "train.epochs", "train.threads", "data.data_dir"}
+    diffs = [f"{key}: run {a.get(key)!r}, given {b.get(key)!r}" for key in sorted(set(a) | set(b))
+             if key not in skip and a.get(key) != b.get(key)]
+    more = f"; and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more if diffs else "the model differs"
 
 
 def load_model(run_dir: str | os.PathLike, checkpoint: str | None = None) -> tuple[RunConfig, KerasSequential]:
@@ -243,9 +280,13 @@ def load_model(run_dir: str | os.PathLike, checkpoint: str | None = None) -> tup
     cfg = load_run_config(run_dir)
     model = build_model(cfg.model)
     if checkpoint:
-        path = run_dir / "checkpoints" / checkpoint / "model.safetensors"
-        if not path.parent.is_dir():
-            path = run_dir / "checkpoints" / cfg.checkpoint.filename.format(epoch=checkpoint) / "model.safetensors"
+        directory = run_dir / "checkpoints" / checkpoint
+        if not directory.is_dir():
+            directory = run_dir / "checkpoints" / cfg.checkpoint.filename.format(epoch=checkpoint)
+        if not directory.is_dir():
+            raise CheckpointError(f"{run_dir}: no checkpoint {checkpoint!r} in "
+                                  f"{run_dir / 'checkpoints'}")
+        path = checkpoint_weights(directory)  # checksums verified first
     else:
         path = run_dir / "model.safetensors"
     load_weights(model, path)

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
 
+from . import fileio
 from .augment import augment_batch
 from .build import KerasSequential, build_model
 from .config import RunConfig
@@ -27,6 +30,14 @@ from .optim import lr_at, make_optimizer, set_lr
 
 # How often (in batches) the loop checks the recorded losses for NaN/Inf: one read per window.
 NAN_CHECK_EVERY = 32
+
+
+def _signal_exit_code(name: str) -> int:
+    """The shell's convention for a process ended by a signal: 128 + its number (SIGINT 130)."""
+    try:
+        return 128 + signal.Signals[name].value
+    except KeyError:
+        return 130
 
 
 def autocast(precision: str):
@@ -74,6 +85,11 @@ class Trainer:
         self.state = TrainState()
         self.stop_training = False     # set by callbacks (early stopping), as in Keras
         self.stop_request: str | None = None  # set by signal handlers: stop at next batch
+        self.stop_reason: str | None = None   # set by callbacks that stop training, for the log
+        self.interrupt_checkpoint = None      # set by ModelCheckpoint.on_interrupt
+        self.last_checkpoint = None           # newest checkpoint written or resumed from
+        # test hook (fileio._fault_hook): pause at a batch boundary so a test can kill the process
+        self._pause_hook = os.environ.get("FASHION_CNN_PAUSE_AT") == "batch"
         self.forward = torch.compile(self.model) if t.compile else self.model
         self.compile_seconds = 0.0
         n = len(splits.x_train)
@@ -145,10 +161,18 @@ class Trainer:
         checked = s.batch_in_epoch
         regularized = model.has_regularizers
         while s.batch_in_epoch < self.steps_per_epoch:
+            if self._pause_hook:
+                fileio._fault_hook("batch", f"epoch={s.epoch + 1},batch={s.batch_in_epoch};",
+                                   until=lambda: self.stop_request is not None)
             if self.stop_request:
+                # never checkpoint weights that a non-finite loss has already spoiled
+                self._check_finite(losses, checked, s.batch_in_epoch)
                 s.epoch_seconds = time.perf_counter() - started
                 self._call("on_interrupt")
-                raise TrainingStopped(f"stopped by {self.stop_request}", exit_code=130)
+                raise TrainingStopped(
+                    f"stopped by {self.stop_request} at epoch {s.epoch + 1}, batch "
+                    f"{s.batch_in_epoch} of {self.steps_per_epoch}",
+                    exit_code=_signal_exit_code(self.stop_request))
             set_lr(self.optimizer, lr_at(s.step, self.total_steps, cfg))
             x, y = self._batch()
             with autocast(cfg.precision):
@@ -188,10 +212,11 @@ class Trainer:
         if not torch.isfinite(window).all():
             bad = start + int((~torch.isfinite(window)).nonzero()[0])
             self.stop_training = True
+            kept = (f"the last checkpoint, {self.last_checkpoint}, is intact"
+                    if self.last_checkpoint is not None else "no checkpoint had been written yet")
             raise TrainingStopped(
                 f"non-finite loss ({float(losses[bad])}) at epoch {self.state.epoch + 1}, "
-                f"batch {bad + 1}; training stopped (try a lower --lr); the last checkpoint "
-                f"before it is intact", exit_code=3)
+                f"batch {bad + 1}; training stopped (try a lower --lr); {kept}", exit_code=3)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_split(self, split: str) -> dict:
