@@ -61,7 +61,6 @@ class TrainConfig:
     warmup: float = 0.0             # fraction of all steps spent warming up (onecycle/cosine)
     final_lr_fraction: float = 0.0  # lr at the last step, as a fraction of lr (onecycle/cosine)
     label_smoothing: float = 0.0    # cross-entropy label smoothing
-    ema: float = 0.0                # weight EMA decay per step (0 = off); evaluation uses the EMA
     seed: int = 0                   # seeds init, shuffling, dropout and augmentation
     precision: str = "fp32"         # fp32 | bf16 (autocast; loss and BatchNorm stay fp32)
     threads: int = 0                # CPU threads (0 = PyTorch's default: one per core)
@@ -160,7 +159,6 @@ def _range_checks(cfg: RunConfig) -> None:
         (0 < t.steps_fraction <= 1, "[train] steps_fraction must be in (0, 1]"),
         (t.lr > 0, "[train] lr must be positive"),
         (0 <= t.label_smoothing < 1, "[train] label_smoothing must be in [0, 1)"),
-        (0 <= t.ema < 1, "[train] ema must be in [0, 1)"),
         (0 <= t.warmup < 1, "[train] warmup must be in [0, 1)"),
         (t.weight_decay >= 0, "[train] weight_decay must be >= 0"),
         (t.threads >= 0, "[train] threads must be >= 0"),
