@@ -211,6 +211,23 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from .study import print_study_result, run_study
+
+    result = run_study(args.study, args.out, epochs_scale=args.epochs_scale, subset=args.subset,
+                       repeats=args.repeats, progress=not args.quiet)
+    print_study_result(result)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    html_path, md_path = write_report(args.study_dir)
+    print(f"Wrote {html_path} and {md_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fashion-cnn",
@@ -271,6 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="folder for learning_curves.png and weights.png")
     p.set_defaults(func=cmd_compare)
+
+    from .zoo import list_studies
+
+    p = sub.add_parser("study", help="train every run of a study, then write its report")
+    p.add_argument("study", help="built-in study (one of: " + ", ".join(list_studies())
+                                 + ") or path to a study .toml")
+    p.add_argument("--out", help="study directory (default studies/<name>); rerunning the same "
+                                 "command skips finished runs and resumes interrupted ones")
+    p.add_argument("--epochs-scale", type=float, metavar="F",
+                   help="each recipe's epochs x F, rounded, at least 1 (quick versions)")
+    p.add_argument("--subset", type=int, metavar="N", help="use the first N training images")
+    p.add_argument("--repeats", type=int, metavar="K", help="train each run with seeds 0..K-1")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("report", help="rewrite a study's report.html and report.md from its runs")
+    p.add_argument("study_dir")
+    p.set_defaults(func=cmd_report)
 
     return parser
 

@@ -1,0 +1,44 @@
+"""notebooks/study.ipynb runs from top to bottom without an error (in a fresh kernel)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+nbclient = pytest.importorskip("nbclient")
+nbformat = pytest.importorskip("nbformat")
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "study.ipynb"
+
+
+@pytest.fixture
+def this_python_kernel(tmp_path, monkeypatch):
+    """A `python3` kernel spec running this interpreter (the venv's ipykernel), found first."""
+    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (fashion-cnn tests)", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    return "python3"
+
+
+def test_study_notebook_runs_without_errors(real_data, tmp_path, this_python_kernel):
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    work = tmp_path / "work"  # the notebook writes runs/ under its working directory
+    work.mkdir()
+    client = nbclient.NotebookClient(notebook, kernel_name=this_python_kernel, timeout=600,
+                                     resources={"metadata": {"path": str(work)}})
+    client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    # live learning curves of model1 and of the study's runs, confusion matrix, predictions,
+    # weights, augmentation preview, study learning curves
+    assert len(images) >= 7
+    reports = list(work.glob("runs/notebook-*/study/report.html"))
+    assert len(reports) == 1
