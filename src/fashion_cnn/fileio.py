@@ -14,6 +14,16 @@ from typing import Callable, Iterator
 from .errors import UserError
 
 
+def _default_file_mode() -> int:
+    """0666 less the process umask: the mode open() would give a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 def _describe_os_error(path: Path, exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
         return f"cannot write {path}: the disk is full (free some space and try again)"
@@ -35,6 +45,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a finished file is as readable as any other
         os.close(fd)
     except OSError as exc:
         raise UserError(_describe_os_error(path, exc)) from None

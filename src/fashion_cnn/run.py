@@ -133,6 +133,18 @@ def standard_callbacks(cfg: RunConfig, run_dir: Path, progress: bool = True,
     return callbacks + list(extra)
 
 
+def peak_rss_mib() -> float:
+    """The process's peak resident memory in MiB (VmHWM; getrusage's figure can include a
+    forking parent's size, which overstates it for processes started from a large one)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) -> RunResult:
     cfg, model, splits = trainer.config, trainer.model, trainer.splits
     save_weights(model, run_dir / "model.safetensors", {"model": cfg.model.name})
@@ -152,7 +164,7 @@ def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) 
         "samples_per_second": images / train_seconds if train_seconds > 0 else None,
         "compile_seconds": trainer.compile_seconds,
         "eval_seconds": eval_seconds,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
         "precision": cfg.train.precision, "threads": torch.get_num_threads(),
     }
     if history:
