@@ -318,3 +318,14 @@ def test_augment_preview_command(real_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FASHION_MNIST_DIR", str(real_data.source))
     assert main(["augment-preview", "seed-model1", "--out", str(tmp_path), "-n", "3"]) == 0
     assert (tmp_path / "augment_preview.png").is_file()
+
+
+def test_conv_activations_include_the_relu_moved_after_pooling():
+    from fashion_cnn.build import build_model
+    from fashion_cnn.plots import conv_activations
+    from fashion_cnn.zoo import get_model_spec
+
+    model = build_model(get_model_spec("model1"), seed=0)
+    maps = conv_activations(model, torch.randn(3, 1, 28, 28))
+    assert [name for name, _ in maps] == ["conv2d", "conv2d_1", "conv2d_2"]
+    assert all(float(m.min()) >= 0.0 for _, m in maps)  # every Conv2D of model1 has relu

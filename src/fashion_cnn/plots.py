@@ -525,7 +525,10 @@ def conv_activations(model, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         for spec, layer in zip(model.spec.layers, model.layers):
             h = layer(h)
             if spec.type == "Conv2D":
-                outputs.append((spec.name, h.float().contiguous()))
+                shown = h
+                if spec.args["activation"] == "relu" and isinstance(layer, torch.nn.Conv2d):
+                    shown = torch.relu(h)  # the builder moved this ReLU after the next max pool
+                outputs.append((spec.name, shown.float().contiguous()))
     model.train(was_training)
     return outputs
 
