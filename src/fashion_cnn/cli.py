@@ -151,16 +151,11 @@ def _print_result(result) -> None:
     m = result.metrics
     print(f"Test accuracy: {m['test_accuracy']:.4f} (loss {m['test_loss']:.4f}) after "
           f"{m['epochs']} epochs, {m['train_seconds']:.1f} s of training")
-    print(f"Run directory: {result.run_dir} (config.toml, history.csv, model.safetensors, "
-          f"metrics.json, checkpoints/, plots/)")
-    from .plots import read_per_class
-
-    plots_dir, metrics = result.run_dir / "plots", result.run_dir / "metrics.json"
-    fresh = (plots_dir / "per_class.csv").is_file() and metrics.is_file() and (
-        (plots_dir / "per_class.csv").stat().st_mtime_ns >= metrics.stat().st_mtime_ns)
-    table = read_per_class(plots_dir) if fresh else None  # not one left by an earlier run
-    if table:
-        print(table)
+    outputs = [p.name + ("/" if p.is_dir() else "") for p in sorted(result.run_dir.iterdir())
+               if not p.name.startswith(".")]
+    print(f"Run directory: {result.run_dir} ({', '.join(outputs)})")
+    if result.per_class:
+        print(result.per_class)
 
 
 def cmd_resume(args) -> int:

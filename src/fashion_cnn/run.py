@@ -42,6 +42,7 @@ class RunResult:
     model: KerasSequential
     history: list[dict]
     metrics: dict
+    per_class: str = ""  # per-class precision/recall/F1 table (empty when plots were skipped)
 
 
 def resolve_config(name_or_config: str | RunConfig, **overrides) -> RunConfig:
@@ -172,11 +173,12 @@ def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) 
         metrics.update({k: last.get(k) for k in ("loss", "accuracy", "val_loss", "val_accuracy")})
         metrics["best_val_accuracy"] = max((h.get("val_accuracy") or 0.0) for h in history)
     fileio.write_json(run_dir / "metrics.json", metrics)
+    per_class = ""
     if plots:
         from .plots import write_run_plots
-        write_run_plots(run_dir, model=model, config=cfg, splits=splits, history=history,
-                        eval_result=result)
-    return RunResult(run_dir, cfg, model, history, metrics)
+        per_class = write_run_plots(run_dir, model=model, config=cfg, splits=splits,
+                                    history=history, eval_result=result)
+    return RunResult(run_dir, cfg, model, history, metrics, per_class)
 
 
 def _run(trainer: Trainer, run_dir: Path, plots: bool) -> RunResult:
