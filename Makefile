@@ -25,11 +25,12 @@ $(VENV)/.installed: pyproject.toml
 
 # The dataset: Debian's package where the files are not found and apt exists.
 data:
-	@sh scripts/ensure-data.sh $(PY)
+	@sh scripts/ensure-package.sh dataset-fashion-mnist \
+		"$(PY) -c 'from fashion_cnn.data import find_data_dir; find_data_dir()'"
 
 # Headless Chromium for the HTML report test (Debian's package).
 browser:
-	@sh scripts/ensure-package.sh chromium chromium
+	@sh scripts/ensure-package.sh chromium "command -v chromium"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

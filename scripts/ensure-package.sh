@@ -1,9 +1,10 @@
 #!/bin/sh
-# ensure-package.sh COMMAND PACKAGE: install a Debian package when COMMAND is missing and apt exists.
-cmd="$1"; pkg="$2"
-command -v "$cmd" >/dev/null 2>&1 && exit 0
+# ensure-package.sh PACKAGE CHECK: install Debian's PACKAGE with apt-get when the shell command
+# CHECK fails and apt-get exists (with sudo when not root). Used by the Makefile's set-up.
+pkg="$1"; check="$2"
+sh -c "$check" >/dev/null 2>&1 && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "note: $cmd not found and apt-get is unavailable; install $pkg by hand" >&2
+    echo "note: $pkg is missing and apt-get is unavailable; install it by hand (see README)" >&2
     exit 0
 fi
 SUDO=""
