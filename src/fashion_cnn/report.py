@@ -546,8 +546,9 @@ def render_html(study, summaries, rows, notes, figures, generated: str) -> str:
 TABLE_NOTE = ("Best epoch: lowest validation loss. Final train acc.: the last epoch's (measured "
               "during the epoch, with dropout and augmentation on). Train–val. gap: final train "
               "accuracy minus final validation accuracy. Test accuracy: mean ± sample standard "
-              "deviation over seeds when a run was repeated. Training time: seconds of training, "
-              "evaluation excluded.")
+              "deviation over seeds when a run was repeated. Training time: wall-clock seconds of "
+              "training, each epoch's validation pass included (as in Keras' fit), the final "
+              "test evaluation excluded.")
 
 
 def _md_cell(text: str) -> str:
