@@ -65,11 +65,14 @@ def measure_peaks(precisions: list[str], size: int, repeats: int) -> dict:
 class Bench:
     """One (recipe, precision): its trainer, FLOP count and the timings of every round."""
 
-    def __init__(self, recipe: str, precision: str, splits, threads: int, eval_images: int):
+    def __init__(self, recipe: str, precision: str, splits, threads: int, eval_images: int,
+                 augment: bool | None = None):
         self.recipe, self.precision = recipe, precision
         overrides = {"train.precision": precision}
         if threads:
             overrides["train.threads"] = threads
+        if augment is not None:  # --augment-ablation: the same recipe without its augmentation
+            overrides["augment.enabled"] = augment
         self.config = resolve_config(recipe, **overrides)
         self.trainer = Trainer(self.config, splits)
         self.batch_size = self.config.train.batch_size
@@ -174,6 +177,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Seconds per epoch, images/s and GFLOP/s of the training loop, next to "
                     "the machine's measured matrix-product peak and the FLOP floor.")
+    p.add_argument("--augment-ablation", action="store_true",
+                   help="also time each augmented recipe with its augmentation off, in the "
+                        "same rounds (the cost of augmentation)")
     p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES,
                    help="recipes (or models) to time, each with its own batch size "
                         "(default: the seed's dense and model1..model4)")
@@ -242,6 +248,9 @@ def main(argv=None) -> int:
                 splits_by_key[key] = splits_for(cfg, data)
             benches.append(Bench(recipe, precision, splits_by_key[key], args.threads,
                                  args.eval_images))
+            if args.augment_ablation and cfg.augment.enabled:
+                benches.append(Bench(recipe, precision, splits_by_key[key], args.threads,
+                                     args.eval_images, augment=False))
 
     peaks_before = measure_peaks(precisions, args.matmul_size, args.matmul_repeats)
     for round_index in range(args.repeats):
