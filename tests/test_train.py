@@ -136,3 +136,16 @@ def test_user_errors_are_one_line(args, fragment):
     result = cli(*args)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and fragment in result.stderr
+
+
+def test_dropout_keeps_one_minus_rate_and_rescales():
+    from fashion_cnn.build import Dropout
+
+    dropout = Dropout(0.3).train()
+    y = dropout(torch.ones(200_000))
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.7) < 0.005
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
+    x = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert dropout(x).is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(dropout.eval()(x), x)

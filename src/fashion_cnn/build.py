@@ -90,6 +90,28 @@ class Residual(nn.Module):
         return self.activation(self.body(x) + self.shortcut(x))
 
 
+class Dropout(nn.Module):
+    """Inverted dropout, as nn.Dropout (and Keras): zero each value with probability `rate` in
+    training and scale the rest by 1/(1-rate); the identity in eval mode.
+
+    The keep-mask comes from torch.rand_like (a vectorised uniform generator that keeps the
+    channels_last layout) instead of bernoulli_, which took a fifth of model2's step time on CPU.
+    """
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = torch.rand_like(x, dtype=torch.float32) >= self.rate
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.rate))
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
 class Flatten(nn.Module):
     """Flattens in (C, H, W) order. Keras flattens (H, W, C); this only matters for imported weights."""
 
@@ -117,7 +139,7 @@ def _layer(spec: LayerSpec, regularized: list) -> nn.Module:
         module = cls(a["pool_size"], stride=a["strides"] or a["pool_size"],
                      ceil_mode=a["padding"] == "same")
     elif t == "Dropout":
-        module = nn.Dropout(a["rate"])
+        module = Dropout(a["rate"])
     elif t == "SpatialDropout2D":
         module = nn.Dropout2d(a["rate"])
     elif t == "Flatten":
