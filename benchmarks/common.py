@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -63,22 +62,6 @@ def spread(values) -> dict:
     return {"n": len(values), "mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values)}
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far, MiB.
-
-    /proc's VmHWM where there is one: Linux carries a parent's RSS over fork + exec into the
-    child's getrusage ru_maxrss, which then overstates a process started from a large one.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # KiB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def fmt(value, digits: int = 2) -> str:

@@ -33,7 +33,7 @@ from common import (OUT_DIR, TRAIN_SPLIT_IMAGES, fmt, machine_info, median, note
                     write_result)
 from fashion_cnn.data import load_data
 from fashion_cnn.perf import bf16_supported, configure_runtime
-from fashion_cnn.run import resolve_config, splits_for
+from fashion_cnn.run import read_metrics, resolve_config, splits_for
 from fashion_cnn.spec import train_flops_per_image
 from fashion_cnn.train import Trainer, evaluate
 
@@ -129,28 +129,15 @@ class Bench:
 
 # ----------------------------------------------------------------------------- peak memory
 
-# The child runs the CLI's own main() and then reads its peak RSS from /proc/self/status
-# (VmHWM, KiB). getrusage's ru_maxrss would not do: Linux carries the parent's RSS over a
-# fork + exec into the child's ru_maxrss, so a child of this large process would report at
-# least this process's size.
-_MEASURED_CLI = """
-import sys
-from fashion_cnn.cli import main
-try:
-    code = main(sys.argv[1:])
-finally:
-    with open("/proc/self/status") as status:
-        peak = [line.split()[1] for line in status if line.startswith("VmHWM:")]
-    print("PEAK_RSS_KIB", peak[0] if peak else "")
-sys.exit(code)
-"""
 
 
 def peak_memory_of_run(recipe: str, epochs: int | None, subset: int | None,
                        threads: int) -> dict:
     """Run `fashion-cnn train RECIPE` in a child process; its peak RSS (MiB) and wall time."""
     with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
-        command = [sys.executable, "-c", _MEASURED_CLI, "train", recipe, "--quiet",
+        # The run's metrics.json records the child's peak RSS (VmHWM, which unlike getrusage
+        # does not inherit this large parent's size across fork + exec).
+        command = [sys.executable, "-m", "fashion_cnn", "train", recipe, "--quiet",
                    "--no-plots", "--out", str(Path(tmp) / "run")]
         if epochs:
             command += ["--epochs", str(epochs)]
@@ -161,14 +148,12 @@ def peak_memory_of_run(recipe: str, epochs: int | None, subset: int | None,
         start = time.perf_counter()
         child = subprocess.run(command, capture_output=True, text=True)
         wall = time.perf_counter() - start
-    if child.returncode != 0:
-        raise SystemExit(f"train_speed: training {recipe} in a child process failed "
-                         f"(exit {child.returncode}):\n{child.stderr[-3000:]}")
-    marks = [line.split()[1:] for line in child.stdout.splitlines()
-             if line.startswith("PEAK_RSS_KIB")]
-    peak_kib = int(marks[-1][0]) if marks and marks[-1] else None  # None: no /proc (not Linux)
+        if child.returncode != 0:
+            raise SystemExit(f"train_speed: training {recipe} in a child process failed "
+                             f"(exit {child.returncode}):\n{child.stderr[-3000:]}")
+        peak = read_metrics(Path(tmp) / "run")["peak_rss_mib"]
     return {"recipe": recipe, "epochs": epochs, "subset": subset,
-            "peak_rss_mib": peak_kib / 1024 if peak_kib else None, "wall_seconds": wall}
+            "peak_rss_mib": peak, "wall_seconds": wall}
 
 
 # ----------------------------------------------------------------------------- main
