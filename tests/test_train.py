@@ -149,3 +149,20 @@ def test_dropout_keeps_one_minus_rate_and_rescales():
     x = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
     assert dropout(x).is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(dropout.eval()(x), x)
+
+
+def test_dropout_mask_is_uniform_and_follows_the_layout():
+    from fashion_cnn.build import uniform_15bit_like
+
+    torch.manual_seed(0)
+    x = torch.zeros(64, 8, 20, 20).contiguous(memory_format=torch.channels_last)
+    lanes = uniform_15bit_like(x)
+    assert lanes.shape == x.shape and lanes.is_contiguous(memory_format=torch.channels_last)
+    assert int(lanes.min()) >= 0 and int(lanes.max()) < 32768
+    values = lanes.flatten().float()
+    # every one of the four lanes of a 64-bit word is uniform on [0, 32768): mean 16383.5
+    for lane in range(4):
+        assert abs(values[lane::4].mean().item() / 16383.5 - 1) < 0.01
+    # and the values are not correlated with their neighbours
+    a, b = values[:-1] - values.mean(), values[1:] - values.mean()
+    assert abs((a * b).mean().item() / values.var().item()) < 0.01

@@ -94,8 +94,10 @@ class Dropout(nn.Module):
     """Inverted dropout, as nn.Dropout (and Keras): zero each value with probability `rate` in
     training and scale the rest by 1/(1-rate); the identity in eval mode.
 
-    The keep-mask comes from torch.rand_like (a vectorised uniform generator that keeps the
-    channels_last layout) instead of bernoulli_, which took a fifth of model2's step time on CPU.
+    The keep-mask is drawn as 15-bit integers from 64-bit random words (four values per draw of
+    the generator) instead of a float per value: on CPU, torch.rand_like took a tenth of model3's
+    batch-32 step and bernoulli_ more; this is about 6x cheaper. The drop probability is `rate`
+    rounded to a multiple of 1/32768 (off by at most 1.5e-5).
     """
 
     def __init__(self, rate: float):
@@ -105,11 +107,28 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.rate == 0.0:
             return x
-        keep = torch.rand_like(x, dtype=torch.float32) >= self.rate
+        keep = uniform_15bit_like(x) >= round(self.rate * 32768)
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.rate))
 
     def extra_repr(self) -> str:
         return f"rate={self.rate}"
+
+
+def uniform_15bit_like(x: torch.Tensor) -> torch.Tensor:
+    """Independent uniform integers in [0, 32768), int16, shaped and laid out like `x`.
+
+    One int64 draw of the global generator gives four 16-bit lanes; random_() fills only the
+    low 63 bits, so each lane keeps its low 15 bits (all uniform). The result is a view with
+    x's memory layout (channels_last stays channels_last), so the mask multiply stays a
+    same-layout elementwise op.
+    """
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
+    lanes = words.view(torch.int16)[:n].bitwise_and_(0x7FFF)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        batch, channels, height, width = x.shape
+        return lanes.view(batch, height, width, channels).permute(0, 3, 1, 2)
+    return lanes.view(x.shape)
 
 
 class Flatten(nn.Module):
