@@ -166,3 +166,40 @@ def test_dropout_mask_is_uniform_and_follows_the_layout():
     # and the values are not correlated with their neighbours
     a, b = values[:-1] - values.mean(), values[1:] - values.mean()
     assert abs((a * b).mean().item() / values.var().item()) < 0.01
+
+
+def test_tta_views_are_the_image_and_its_one_pixel_shifts():
+    from fashion_cnn.train import tta_views
+
+    x = torch.zeros(2, 1, 6, 6)
+    x[:, :, 2, 3] = 1.0  # one bright pixel at row 2, column 3
+    assert tta_views(x, "none") == [x]
+    views = tta_views(x, "shift")
+    assert len(views) == 5 and torch.equal(views[0], x)
+    bright = [tuple(int(i) for i in (v[0, 0] == 1).nonzero()[0]) for v in views[1:]]
+    assert bright == [(2, 4), (2, 2), (3, 3), (1, 3)]  # right, left, down, up
+    assert all(v.shape == x.shape for v in views)
+
+
+def test_tta_averages_the_logits_of_the_views():
+    from fashion_cnn.train import predict_logits, tta_views
+
+    model = build_model(load_config("model1").model, seed=0).eval()
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        expected = torch.stack([model(v) for v in tta_views(x, "shift")]).mean(0)
+    got = predict_logits(model, x, batch_size=3, tta="shift")
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, predict_logits(model, x), atol=1e-4)
+
+
+def test_run_with_tta_reports_both_accuracies_and_evaluate_can_switch_it(real_data, tmp_path):
+    out = tmp_path / "r"
+    result = run.train("fast", out, data=real_data, progress=False, plots=False, subset=1000,
+                       epochs=1, **{"train.tta": "shift"})
+    metrics = result.metrics
+    assert metrics["tta"] == "shift"
+    assert {"val_accuracy_tta", "test_accuracy_without_tta"} <= set(metrics)
+    assert run.evaluate_run(out, data=real_data)["test_accuracy"] == metrics["test_accuracy"]
+    plain = run.evaluate_run(out, data=real_data, tta="none")
+    assert plain["test_accuracy"] == metrics["test_accuracy_without_tta"] and plain["tta"] == "none"

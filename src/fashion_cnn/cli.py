@@ -170,12 +170,13 @@ def cmd_resume(args) -> int:
 def cmd_evaluate(args) -> int:
     from .run import evaluate_run
 
-    result = evaluate_run(args.run_dir, checkpoint=args.checkpoint)
+    result = evaluate_run(args.run_dir, checkpoint=args.checkpoint, tta=args.tta)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"Test loss: {result['test_loss']:.4f}  accuracy: {result['test_accuracy']:.4f} "
-          f"({result['test_correct']}/{result['test_size']}) in {result['eval_seconds']:.2f} s")
+          f"({result['test_correct']}/{result['test_size']}) in {result['eval_seconds']:.2f} s"
+          + ("" if result["tta"] == "none" else f" (test-time augmentation: {result['tta']})"))
     for name, acc in result["per_class_accuracy"].items():
         print(f"  {name:<14}{acc:.4f}")
     return 0
@@ -263,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--checkpoint", help="a checkpoint name or epoch number instead of the final weights")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--tta", choices=["none", "shift"], default=None,
+                   help="test-time augmentation: average the logits of the image and its four "
+                        "one-pixel shifts (default: the run's own [train] tta)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("augment-preview", help="grid of original vs augmented training images")

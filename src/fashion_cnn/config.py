@@ -66,6 +66,7 @@ class TrainConfig:
     threads: int = 0                # CPU threads (0 = PyTorch's default: one per core)
     compile: bool = False           # torch.compile the model (compile time reported apart)
     eval_batch_size: int = 256      # images per evaluation batch (small batches stay in cache)
+    tta: str = "none"               # test-time augmentation of the final evaluation: none | shift
 
 
 @dataclass
@@ -86,6 +87,7 @@ CHOICES = {("augment", "fill_mode"): ("nearest", "constant", "reflect"),
            ("train", "optimizer"): ("adam", "adamw", "sgd"),
            ("train", "schedule"): ("constant", "onecycle", "cosine"),
            ("train", "precision"): ("fp32", "bf16"),
+           ("train", "tta"): ("none", "shift"),
            ("checkpoint", "monitor"): ("val_loss", "val_accuracy", "loss", "accuracy")}
 
 
@@ -113,7 +115,8 @@ class RunConfig:
         out["model"] = self.model.to_data()
         return out
 
-    def fingerprint(self, ignore=(("train", "epochs"), ("train", "threads"))) -> str:
+    def fingerprint(self, ignore=(("train", "epochs"), ("train", "threads"),
+                                  ("train", "tta"))) -> str:
         """Hash of everything that determines the run's weights (epochs may be extended)."""
         data = self.to_data()
         data.pop("description", None)

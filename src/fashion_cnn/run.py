@@ -151,7 +151,7 @@ def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) 
     save_weights(model, run_dir / "model.safetensors", {"model": cfg.model.name})
     start = time.perf_counter()
     result = evaluate(model, splits.x_test, splits.y_test, cfg.train.eval_batch_size,
-                      cfg.train.precision)
+                      cfg.train.precision, cfg.train.tta)
     eval_seconds = time.perf_counter() - start
     history = trainer.state.history
     best_index, _ = best_epoch(history, "val_loss")
@@ -172,6 +172,16 @@ def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) 
         last = history[-1]
         metrics.update({k: last.get(k) for k in ("loss", "accuracy", "val_loss", "val_accuracy")})
         metrics["best_val_accuracy"] = max((h.get("val_accuracy") or 0.0) for h in history)
+    if cfg.train.tta != "none":
+        # the effect of test-time augmentation, on validation (to judge it) and test (to report)
+        metrics["tta"] = cfg.train.tta
+        if len(splits.x_val):
+            metrics["val_accuracy_tta"] = evaluate(
+                model, splits.x_val, splits.y_val, cfg.train.eval_batch_size,
+                cfg.train.precision, cfg.train.tta)["accuracy"]
+        metrics["test_accuracy_without_tta"] = evaluate(
+            model, splits.x_test, splits.y_test, cfg.train.eval_batch_size,
+            cfg.train.precision)["accuracy"]
     fileio.write_json(run_dir / "metrics.json", metrics)
     per_class = ""
     if plots:
@@ -309,14 +319,16 @@ def load_model(run_dir: str | os.PathLike, checkpoint: str | None = None) -> tup
 
 
 def evaluate_run(run_dir: str | os.PathLike, data: FashionMNIST | None = None,
-                 checkpoint: str | None = None) -> dict:
-    """Reload a run and evaluate it on the test set: loss, accuracy and per-class accuracy."""
+                 checkpoint: str | None = None, tta: str | None = None) -> dict:
+    """Reload a run and evaluate it on the test set: loss, accuracy and per-class accuracy.
+    `tta` (none | shift) overrides the run's own test-time augmentation setting."""
     cfg, model = load_model(run_dir, checkpoint)
     configure_runtime(cfg.train.threads)
     splits = splits_for(cfg, data)
+    tta = cfg.train.tta if tta is None else tta
     start = time.perf_counter()
     result = evaluate(model, splits.x_test, splits.y_test, cfg.train.eval_batch_size,
-                      cfg.train.precision)
+                      cfg.train.precision, tta)
     seconds = time.perf_counter() - start
     y, pred = splits.y_test, result["predictions"]
     per_class = {}
@@ -325,7 +337,7 @@ def evaluate_run(run_dir: str | os.PathLike, data: FashionMNIST | None = None,
         per_class[name] = float((pred[mask] == index).float().mean()) if mask.any() else None
     return {"test_loss": result["loss"], "test_accuracy": result["accuracy"],
             "test_correct": result["correct"], "test_size": len(y),
-            "per_class_accuracy": per_class, "eval_seconds": seconds}
+            "per_class_accuracy": per_class, "eval_seconds": seconds, "tta": tta}
 
 
 def read_metrics(run_dir: str | os.PathLike) -> dict:

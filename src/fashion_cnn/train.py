@@ -231,24 +231,51 @@ class Trainer:
         return {"loss": result["loss"], "accuracy": result["accuracy"]}
 
 
+TTA_CHOICES = ("none", "shift")
+
+
+def tta_views(batch: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The views of a batch (B, C, H, W) whose logits test-time augmentation averages.
+
+    "shift": the batch itself and the batch moved by one pixel up, down, left and right, the
+    vacated row or column repeating its neighbour (the background at the border). No flips:
+    all footwear in Fashion-MNIST faces one way, so a mirrored shoe is an image the test set
+    never has.
+    """
+    if tta == "none":
+        return [batch]
+    height, width = batch.shape[-2:]
+    views = [batch]
+    for left, right, top, bottom in ((1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1)):
+        padded = F.pad(batch, (left, right, top, bottom), mode="replicate")
+        views.append(padded[..., bottom:bottom + height, right:right + width]
+                     .contiguous(memory_format=torch.channels_last))
+    return views
+
+
 def predict_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256,
-                   precision: str = "fp32") -> torch.Tensor:
-    """Logits (N, n_classes) in float32, in eval mode and inference mode, in large batches."""
+                   precision: str = "fp32", tta: str = "none") -> torch.Tensor:
+    """Logits (N, n_classes) in float32, in eval mode and inference mode, in large batches;
+    with `tta`, the mean of the logits of each view (see tta_views)."""
     was_training = model.training
     model.eval()
     outs = []
     with torch.inference_mode(), autocast(precision):
         for start in range(0, len(x), batch_size):
             batch = x[start:start + batch_size].contiguous(memory_format=torch.channels_last)
-            outs.append(model(batch).float())
+            views = tta_views(batch, tta)
+            logits = model(views[0]).float()
+            for view in views[1:]:
+                logits += model(view).float()
+            outs.append(logits / len(views))
     model.train(was_training)
     return torch.cat(outs) if outs else torch.zeros(0)
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
-             precision: str = "fp32") -> dict:
+             precision: str = "fp32", tta: str = "none") -> dict:
     """Mean cross-entropy (without regularization penalty), accuracy and predictions."""
-    logits = predict_logits(model, x, batch_size, precision)
+    logits = predict_logits(model, x, batch_size, precision, tta)
     loss = F.cross_entropy(logits, y, reduction="sum").item() / max(1, len(y))
     predictions = logits.argmax(1)
     correct = int((predictions == y).sum())
