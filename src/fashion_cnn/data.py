@@ -234,8 +234,8 @@ def to_tensor(images: np.ndarray, pad: int = 0, pad_value: float = -0.5) -> torc
     Padding is added after scaling, with `pad_value` (the seed pads with -0.5, the background).
     """
     n, height, width = images.shape
-    # Written straight into the padded tensor: no unpadded float32 copy beside it (for the
-    # 48,000 training images padded to 36x36 that copy alone was 150 MB of peak memory).
+    # Written straight into the padded tensor: no unpadded float32 copy beside it (150 MB,
+    # briefly, for the 48,000 training images padded to 36x36).
     x = torch.full((n, 1, height + 2 * pad, width + 2 * pad), pad_value, dtype=torch.float32)
     inner = x[:, 0, pad:pad + height, pad:pad + width]  # a view (N, H, W)
     inner.copy_(torch.from_numpy(np.ascontiguousarray(images))).div_(128.0).sub_(0.5)
