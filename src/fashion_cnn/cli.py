@@ -9,6 +9,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from .config import CHOICES
 from .errors import TrainingStopped, UserError
 
 
@@ -51,11 +52,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="images per step")
     g.add_argument("--lr", type=float, help="learning rate")
     g.add_argument("--seed", type=int, help="seed for init, shuffling, dropout, augmentation")
-    g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
+    g.add_argument("--optimizer", choices=CHOICES[("train", "optimizer")])
     g.add_argument("--weight-decay", type=float,
                    help="decoupled weight decay (AdamW-style; not a Keras kernel regularizer)")
     g.add_argument("--label-smoothing", type=float)
-    g.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 uses autocast on the CPU")
+    g.add_argument("--precision", choices=CHOICES[("train", "precision")], help="bf16 uses autocast on the CPU")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (compile time is reported apart)")
     g.add_argument("--threads", type=int, help="CPU threads (default: one per core)")
@@ -69,7 +70,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     c.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (0 = none)")
     c.add_argument("--checkpoint-name", help='checkpoint name pattern, e.g. "model1_{epoch}"')
     c.add_argument("--save-best-only", action=argparse.BooleanOptionalAction, default=None)
-    c.add_argument("--monitor", choices=["val_loss", "val_accuracy", "loss", "accuracy"])
+    c.add_argument("--monitor", choices=CHOICES[("checkpoint", "monitor")])
     c.add_argument("--keep-last", type=int, help="keep only the newest K epoch checkpoints")
     c.add_argument("--early-stopping", type=int, metavar="PATIENCE")
     c.add_argument("--min-delta", type=float)
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--checkpoint", help="a checkpoint name or epoch number instead of the final weights")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--tta", choices=["none", "shift"], default=None,
+    p.add_argument("--tta", choices=CHOICES[("train", "tta")], default=None,
                    help="test-time augmentation: average the logits of the image and its four "
                         "one-pixel shifts (default: the run's own [train] tta)")
     p.set_defaults(func=cmd_evaluate)

@@ -231,9 +231,6 @@ class Trainer:
         return {"loss": result["loss"], "accuracy": result["accuracy"]}
 
 
-TTA_CHOICES = ("none", "shift")
-
-
 def tta_views(batch: torch.Tensor, tta: str) -> list[torch.Tensor]:
     """The views of a batch (B, C, H, W) whose logits test-time augmentation averages.
 
