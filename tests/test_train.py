@@ -196,10 +196,22 @@ def test_tta_averages_the_logits_of_the_views():
 def test_run_with_tta_reports_both_accuracies_and_evaluate_can_switch_it(real_data, tmp_path):
     out = tmp_path / "r"
     result = run.train("fast", out, data=real_data, progress=False, plots=False, subset=1000,
-                       epochs=1, **{"train.tta": "shift"})
+                       epochs=1, **{"train.tta": "shift", "data.validation_split": 0.1})
     metrics = result.metrics
     assert metrics["tta"] == "shift"
     assert {"val_accuracy_tta", "test_accuracy_without_tta"} <= set(metrics)
     assert run.evaluate_run(out, data=real_data)["test_accuracy"] == metrics["test_accuracy"]
     plain = run.evaluate_run(out, data=real_data, tta="none")
     assert plain["test_accuracy"] == metrics["test_accuracy_without_tta"] and plain["tta"] == "none"
+
+
+def test_run_without_validation_split_trains_on_everything_and_reports_no_val(real_data, tmp_path):
+    result = run.train("fast", tmp_path / "r", data=real_data, progress=False, plots=True,
+                       subset=600, epochs=1, **{"data.validation_split": 0.0})
+    metrics = result.metrics
+    assert metrics["val_accuracy"] is None and metrics["best_val_accuracy"] is None
+    assert "val_accuracy_tta" not in metrics and metrics["best_epoch"] is None
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_size"] == 10000
+    header, row = (tmp_path / "r" / "history.csv").read_text().strip().splitlines()
+    assert row.split(",")[3:5] == ["", ""]  # val_loss, val_accuracy left empty, not zero
+    assert (tmp_path / "r" / "plots" / "metrics.png").stat().st_size > 0
