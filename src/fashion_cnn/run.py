@@ -171,9 +171,8 @@ def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) 
     if history:
         last = history[-1]
         metrics.update({k: last.get(k) for k in ("loss", "accuracy", "val_loss", "val_accuracy")})
-        val_accuracies = [h["val_accuracy"] for h in history if h.get("val_accuracy") is not None]
         # None, not 0.0, for a run without a validation split: no value rather than a false one
-        metrics["best_val_accuracy"] = max(val_accuracies) if val_accuracies else None
+        _, metrics["best_val_accuracy"] = best_epoch(history, "val_accuracy")
     if cfg.train.tta != "none":
         # the effect of test-time augmentation, on validation (to judge it) and test (to report)
         metrics["tta"] = cfg.train.tta
