@@ -85,3 +85,17 @@ def test_output_is_channels_last():
     cfg = AugmentConfig(enabled=True, rotation_range=2)
     out = augment_batch(_images(), cfg, torch.Generator().manual_seed(0))
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_horizontal_flip_alone_mirrors_about_half_the_images_exactly():
+    cfg = AugmentConfig(enabled=True, horizontal_flip=True)
+    x = _images(64)
+    out = augment_batch(x, cfg, torch.Generator().manual_seed(0))
+    mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x)]
+    kept = [torch.equal(o, i) for o, i in zip(out, x)]
+    assert all(m != k for m, k in zip(mirrored, kept))  # each image exactly one of the two
+    assert 16 <= sum(mirrored) <= 48
+    # the same draws as the resampling path: with a shift of 0 the mirrored images match
+    theta = affine_params(64, cfg, torch.Generator().manual_seed(0))
+    assert [bool(t) for t in theta[:, 0, 0] < 0] == mirrored
+    assert torch.allclose(warp(x, theta), out, atol=1e-4)

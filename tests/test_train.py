@@ -179,6 +179,8 @@ def test_tta_views_are_the_image_and_its_one_pixel_shifts():
     bright = [tuple(int(i) for i in (v[0, 0] == 1).nonzero()[0]) for v in views[1:]]
     assert bright == [(2, 4), (2, 2), (3, 3), (1, 3)]  # right, left, down, up
     assert all(v.shape == x.shape for v in views)
+    plain, mirror = tta_views(x, "flip")
+    assert torch.equal(plain, x) and (mirror[0, 0] == 1).nonzero().tolist() == [[2, 2]]
 
 
 def test_tta_averages_the_logits_of_the_views():
@@ -187,10 +189,11 @@ def test_tta_averages_the_logits_of_the_views():
     model = build_model(load_config("model1").model, seed=0).eval()
     x = torch.randn(5, 1, 28, 28)
     with torch.no_grad():
-        expected = torch.stack([model(v) for v in tta_views(x, "shift")]).mean(0)
-    got = predict_logits(model, x, batch_size=3, tta="shift")
-    assert torch.allclose(got, expected, atol=1e-5)
-    assert not torch.allclose(got, predict_logits(model, x), atol=1e-4)
+        for tta in ("shift", "flip"):
+            expected = torch.stack([model(v) for v in tta_views(x, tta)]).mean(0)
+            got = predict_logits(model, x, batch_size=3, tta=tta)
+            assert torch.allclose(got, expected, atol=1e-5), tta
+            assert not torch.allclose(got, predict_logits(model, x), atol=1e-4), tta
 
 
 def test_run_with_tta_reports_both_accuracies_and_evaluate_can_switch_it(real_data, tmp_path):

@@ -31,6 +31,11 @@ def has_geometry(cfg: AugmentConfig) -> bool:
                 or cfg.zoom_range or cfg.horizontal_flip)
 
 
+def flip_only(cfg: AugmentConfig) -> bool:
+    return bool(cfg.horizontal_flip and not (cfg.rotation_range or cfg.width_shift_range
+                                             or cfg.height_shift_range or cfg.zoom_range))
+
+
 def affine_params(n: int, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     """theta (n, 2, 3) mapping output to input coordinates, normalised to [-1, 1].
 
@@ -97,7 +102,12 @@ def random_erasing(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) ->
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     """Augment a batch (B, C, H, W); returns a new tensor in channels_last memory format."""
     if has_geometry(cfg):
-        x = warp(x, affine_params(x.shape[0], cfg, gen), cfg.fill_mode, cfg.cval)
+        theta = affine_params(x.shape[0], cfg, gen)
+        if flip_only(cfg):  # an exact mirror image, without resampling
+            mirrored = (theta[:, 0, 0] < 0).view(-1, 1, 1, 1)
+            x = torch.where(mirrored, x.flip(-1), x)
+        else:
+            x = warp(x, theta, cfg.fill_mode, cfg.cval)
     if cfg.random_erasing > 0:
         x = random_erasing(x, cfg, gen)
     return x.contiguous(memory_format=torch.channels_last)

@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--tta", choices=CHOICES[("train", "tta")], default=None,
                    help="test-time augmentation: average the logits of the image and its four "
-                        "one-pixel shifts (default: the run's own [train] tta)")
+                        "one-pixel shifts (shift) or its mirror image (flip; for models trained "
+                        "with horizontal_flip); default: the run's own [train] tta")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("augment-preview", help="grid of original vs augmented training images")

@@ -66,7 +66,7 @@ class TrainConfig:
     threads: int = 0                # CPU threads (0 = PyTorch's default: one per core)
     compile: bool = False           # torch.compile the model (compile time reported apart)
     eval_batch_size: int = 256      # images per evaluation batch (small batches stay in cache)
-    tta: str = "none"               # test-time augmentation of the final evaluation: none | shift
+    tta: str = "none"               # test-time augmentation of the final evaluation: none | shift | flip
 
 
 @dataclass
@@ -87,7 +87,7 @@ CHOICES = {("augment", "fill_mode"): ("nearest", "constant", "reflect"),
            ("train", "optimizer"): ("adam", "adamw", "sgd"),
            ("train", "schedule"): ("constant", "onecycle", "cosine"),
            ("train", "precision"): ("fp32", "bf16"),
-           ("train", "tta"): ("none", "shift"),
+           ("train", "tta"): ("none", "shift", "flip"),
            ("checkpoint", "monitor"): ("val_loss", "val_accuracy", "loss", "accuracy")}
 
 

@@ -235,12 +235,15 @@ def tta_views(batch: torch.Tensor, tta: str) -> list[torch.Tensor]:
     """The views of a batch (B, C, H, W) whose logits test-time augmentation averages.
 
     "shift": the batch itself and the batch moved by one pixel up, down, left and right, the
-    vacated row or column repeating its neighbour (the background at the border). No flips:
-    all footwear in Fashion-MNIST faces one way, so a mirrored shoe is an image the test set
-    never has.
+    vacated row or column repeating its neighbour (the background at the border).
+    "flip": the batch and its mirror image (left-right). All footwear in Fashion-MNIST faces one
+    way, so use it only for a model trained with `horizontal_flip`, to which a mirrored shoe is
+    a familiar image (benchmarks/RESULTS.md has the measurement).
     """
     if tta == "none":
         return [batch]
+    if tta == "flip":
+        return [batch, batch.flip(-1).contiguous(memory_format=torch.channels_last)]
     height, width = batch.shape[-2:]
     views = [batch]
     for left, right, top, bottom in ((1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1)):
