@@ -310,6 +310,8 @@ def test_augmentation_figure_titles_rows_and_states_settings():
     assert not np.allclose(original, augmented)
     plain = plots.figure_augmentation(torch.zeros(2, 1, 28, 28), AugmentConfig(), seed=0)
     assert "no augmentation settings" in plain.get_suptitle()
+    assert "fill nearest" in title
+    assert plots.describe_augment(AugmentConfig(horizontal_flip=True)) == "horizontal flip (p = 0.5)"
 
 
 def test_augment_preview_command(real_data, tmp_path, monkeypatch, capsys):
