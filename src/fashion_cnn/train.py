@@ -219,12 +219,12 @@ class Trainer:
                 f"batch {bad + 1}; training stopped (try a lower --lr); {kept}", exit_code=3)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate_split(self, split: str) -> dict:
+    def evaluate_split(self, split: str, tta: str = "none") -> dict:
         x, y = getattr(self.splits, f"x_{split}"), getattr(self.splits, f"y_{split}")
         if len(x) == 0:
             return {}
         result = evaluate(self.model, x, y, self.config.train.eval_batch_size,
-                          self.config.train.precision)
+                          self.config.train.precision, tta)
         if self.model.has_regularizers:  # Keras counts the penalty in val_loss too
             with torch.no_grad():
                 result["loss"] += float(self.model.regularization_penalty())
