@@ -123,6 +123,9 @@ def test_cli_train_and_evaluate_smoke(real_data, tmp_path):
     payload = json.loads(result.stdout)
     assert payload["test_accuracy"] == json.loads((out / "metrics.json").read_text())["test_accuracy"]
     assert set(payload["per_class_accuracy"]) >= {"T-shirt/top", "Ankle boot"}
+    result = cli("evaluate", str(out), "--tta", "flip")  # trained without flips: say so
+    assert result.returncode == 0 and "(test-time augmentation: flip)" in result.stdout
+    assert "trained without horizontal flips" in result.stderr
 
 
 @pytest.mark.parametrize("args,fragment", [

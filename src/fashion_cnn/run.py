@@ -322,7 +322,7 @@ def load_model(run_dir: str | os.PathLike, checkpoint: str | None = None) -> tup
 def evaluate_run(run_dir: str | os.PathLike, data: FashionMNIST | None = None,
                  checkpoint: str | None = None, tta: str | None = None) -> dict:
     """Reload a run and evaluate it on the test set: loss, accuracy and per-class accuracy.
-    `tta` (none | shift) overrides the run's own test-time augmentation setting."""
+    `tta` (none | shift | flip) overrides the run's own test-time augmentation setting."""
     cfg, model = load_model(run_dir, checkpoint)
     configure_runtime(cfg.train.threads)
     splits = splits_for(cfg, data)
