@@ -26,14 +26,15 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Ten
     return torch.rand(n, generator=gen) * (high - low) + low
 
 
-def has_geometry(cfg: AugmentConfig) -> bool:
+def resamples(cfg: AugmentConfig) -> bool:
+    """True when the settings move pixels off the grid (rotation, shift, zoom): bilinear
+    resampling, with the vacated border filled by `fill_mode`. A mirror image needs neither."""
     return bool(cfg.rotation_range or cfg.width_shift_range or cfg.height_shift_range
-                or cfg.zoom_range or cfg.horizontal_flip)
+                or cfg.zoom_range)
 
 
-def flip_only(cfg: AugmentConfig) -> bool:
-    return bool(cfg.horizontal_flip and not (cfg.rotation_range or cfg.width_shift_range
-                                             or cfg.height_shift_range or cfg.zoom_range))
+def has_geometry(cfg: AugmentConfig) -> bool:
+    return resamples(cfg) or bool(cfg.horizontal_flip)
 
 
 def affine_params(n: int, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
@@ -103,11 +104,11 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
     """Augment a batch (B, C, H, W); returns a new tensor in channels_last memory format."""
     if has_geometry(cfg):
         theta = affine_params(x.shape[0], cfg, gen)
-        if flip_only(cfg):  # an exact mirror image, without resampling
+        if resamples(cfg):
+            x = warp(x, theta, cfg.fill_mode, cfg.cval)
+        else:  # flips only: an exact mirror image, from the same random draws
             mirrored = (theta[:, 0, 0] < 0).view(-1, 1, 1, 1)
             x = torch.where(mirrored, x.flip(-1), x)
-        else:
-            x = warp(x, theta, cfg.fill_mode, cfg.cval)
     if cfg.random_erasing > 0:
         x = random_erasing(x, cfg, gen)
     return x.contiguous(memory_format=torch.channels_last)

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from . import fileio
-from .augment import flip_only
+from .augment import resamples
 from .config import AugmentConfig, RunConfig
 from .data import CLASS_NAMES, NUM_CLASSES
 from .errors import CheckpointError, UserError
@@ -645,7 +645,7 @@ def describe_augment(cfg: AugmentConfig) -> str:
         parts.append(f"zoom ±{cfg.zoom_range:.0%}")
     if cfg.horizontal_flip:
         parts.append("horizontal flip (p = 0.5)")
-    if parts and not flip_only(cfg):  # a mirror image leaves nothing to fill
+    if resamples(cfg):  # only resampling leaves a border to fill; a mirror image does not
         parts.append(f"fill {cfg.fill_mode}" + (f" ({cfg.cval:g})" if cfg.fill_mode == "constant" else ""))
     if cfg.random_erasing:
         a, r = cfg.erasing_area, cfg.erasing_aspect
