@@ -99,3 +99,15 @@ def test_horizontal_flip_alone_mirrors_about_half_the_images_exactly():
     theta = affine_params(64, cfg, torch.Generator().manual_seed(0))
     assert [bool(t) for t in theta[:, 0, 0] < 0] == mirrored
     assert torch.allclose(warp(x, theta), out, atol=1e-4)
+
+
+def test_nearest_interpolation_shifts_whole_pixels_without_blur():
+    x = torch.full((1, 1, 28, 28), -0.5)
+    x[0, 0, 8:16, 6:18] = torch.linspace(0.0, 1.5, 12)
+    shift = 1.4  # pixels to the right: nearest rounds it to one whole pixel
+    theta = torch.tensor([[[1.0, 0.0, -2.0 * shift / 28], [0.0, 1.0, 0.0]]])
+    sharp = warp(x, theta, fill_mode="constant", cval=-0.5, interpolation_order=0)
+    assert torch.allclose(sharp, torch.roll(x, 1, dims=-1), atol=1e-6)
+    blurred = warp(x, theta, fill_mode="constant", cval=-0.5, interpolation_order=1)
+    assert not torch.isin(blurred, x).all()  # bilinear makes values the image never had
+

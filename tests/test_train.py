@@ -132,6 +132,7 @@ def test_cli_train_and_evaluate_smoke(real_data, tmp_path):
     (["train", "model1", "--epochs", "0"], "[train] epochs must be at least 1"),
     (["train", "model1", "--set", "train.optimiser=sgd"], "unknown setting 'optimiser'"),
     (["train", "model1", "--set", "augment.fill_mode=wrap"], "must be one of nearest, constant, reflect"),
+    (["train", "model1", "--set", "augment.interpolation_order=3"], "must be 0 (nearest) or 1"),
     (["summary", "nosuch.toml"], "nosuch.toml: file not found"),
     (["evaluate", "/nonexistent/run"], "not a run directory"),
 ])

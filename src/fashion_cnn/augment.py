@@ -67,11 +67,17 @@ def affine_params(n: int, cfg: AugmentConfig, gen: torch.Generator) -> torch.Ten
 
 
 def warp(x: torch.Tensor, theta: torch.Tensor, fill_mode: str = "nearest",
-         cval: float = -0.5) -> torch.Tensor:
-    """Apply per-image affine maps: x (B, C, H, W), theta (B, 2, 3) -> (B, C, H, W), bilinear."""
+         cval: float = -0.5, interpolation_order: int = 1) -> torch.Tensor:
+    """Apply per-image affine maps: x (B, C, H, W), theta (B, 2, 3) -> (B, C, H, W).
+
+    interpolation_order 1 samples bilinearly (Keras' default): a fractional shift blurs the
+    image. 0 takes the nearest pixel: a shift moves whole pixels and the image stays sharp,
+    as the test images are.
+    """
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     source = x - cval if fill_mode == "constant" else x  # zeros padding then fills with cval
-    out = F.grid_sample(source, grid, mode="bilinear", padding_mode=_PADDING_MODE[fill_mode],
+    mode = "bilinear" if interpolation_order == 1 else "nearest"
+    out = F.grid_sample(source, grid, mode=mode, padding_mode=_PADDING_MODE[fill_mode],
                         align_corners=False)
     return out + cval if fill_mode == "constant" else out
 
@@ -105,7 +111,7 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
     if has_geometry(cfg):
         theta = affine_params(x.shape[0], cfg, gen)
         if resamples(cfg):
-            x = warp(x, theta, cfg.fill_mode, cfg.cval)
+            x = warp(x, theta, cfg.fill_mode, cfg.cval, cfg.interpolation_order)
         else:  # flips only: an exact mirror image, from the same random draws
             mirrored = (theta[:, 0, 0] < 0).view(-1, 1, 1, 1)
             x = torch.where(mirrored, x.flip(-1), x)

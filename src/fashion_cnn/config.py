@@ -39,6 +39,7 @@ class AugmentConfig:
     horizontal_flip: bool = False   # mirror half the images (footwear all faces one way)
     fill_mode: str = "nearest"      # nearest | constant | reflect, as Keras
     cval: float = -0.5              # fill value for fill_mode = "constant"
+    interpolation_order: int = 1    # 1 bilinear (Keras' default) | 0 nearest: whole-pixel shifts, no blur
     random_erasing: float = 0.0     # probability of erasing one random rectangle (Zhong et al.)
     erasing_area: list = field(default_factory=lambda: [0.02, 0.4])  # erased fraction of the image
     erasing_aspect: list = field(default_factory=lambda: [0.3, 3.3])  # height/width ratio range
@@ -172,6 +173,7 @@ def _range_checks(cfg: RunConfig) -> None:
         (a.rotation_range >= 0 and a.zoom_range >= 0 and a.width_shift_range >= 0
          and a.height_shift_range >= 0, "[augment] ranges must be >= 0"),
         (a.zoom_range < 1, "[augment] zoom_range must be < 1"),
+        (a.interpolation_order in (0, 1), "[augment] interpolation_order must be 0 (nearest) or 1 (bilinear)"),
         (0 <= a.random_erasing <= 1, "[augment] random_erasing is a probability in [0, 1]"),
         (c.every >= 0 and c.keep_last >= 0 and c.early_stopping >= 0,
          "[checkpoint] every, keep_last and early_stopping must be >= 0"),
