@@ -648,7 +648,7 @@ def describe_augment(cfg: AugmentConfig) -> str:
     if resamples(cfg):  # only resampling leaves a border to fill; a mirror image does not
         parts.append(f"fill {cfg.fill_mode}" + (f" ({cfg.cval:g})" if cfg.fill_mode == "constant" else ""))
         if cfg.interpolation_order == 0:
-            parts.append("nearest pixel")
+            parts.append("nearest-pixel sampling")
     if cfg.random_erasing:
         a, r = cfg.erasing_area, cfg.erasing_aspect
         parts.append(f"random erasing p = {cfg.random_erasing:g} (area {a[0]:g}-{a[1]:g}, "
