@@ -110,4 +110,3 @@ def test_nearest_interpolation_shifts_whole_pixels_without_blur():
     assert torch.allclose(sharp, torch.roll(x, 1, dims=-1), atol=1e-6)
     blurred = warp(x, theta, fill_mode="constant", cval=-0.5, interpolation_order=1)
     assert not torch.isin(blurred, x).all()  # bilinear makes values the image never had
-

@@ -27,8 +27,9 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Ten
 
 
 def resamples(cfg: AugmentConfig) -> bool:
-    """True when the settings move pixels off the grid (rotation, shift, zoom): bilinear
-    resampling, with the vacated border filled by `fill_mode`. A mirror image needs neither."""
+    """True when the settings move pixels off the grid (rotation, shift, zoom): resampling
+    (bilinear or nearest, per `interpolation_order`), with the vacated border filled by
+    `fill_mode`. A mirror image needs neither."""
     return bool(cfg.rotation_range or cfg.width_shift_range or cfg.height_shift_range
                 or cfg.zoom_range)
 
