@@ -43,3 +43,23 @@ def test_schedules():
     assert max(values) == 1.0 and values.index(1.0) == 24
     assert values[0] == 1 / 25 and values[-1] == 0.0
     assert lr_at(5, 100, TrainConfig(lr=0.3)) == 0.3
+
+
+def test_keras_adam_is_independent_of_memory_layout():
+    # The fused kernel walks tensors in memory order: a channels_last kernel with a contiguous
+    # gradient, or with contiguous m and v (as a checkpoint restores them), must still pair
+    # each weight with its own gradient and moments.
+    torch.manual_seed(0)
+    a = torch.randn(8, 3, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    b = a.detach().clone().contiguous().requires_grad_()
+    opt_a, opt_b = KerasAdam([a], lr=1e-2, weight_decay=0.01), KerasAdam([b], lr=1e-2, weight_decay=0.01)
+    for step in range(5):
+        g = torch.randn(8, 3, 3, 3)
+        a.grad, b.grad = g.clone(), g.clone().contiguous(memory_format=torch.channels_last)
+        opt_a.step()
+        opt_b.step()
+        if step == 2:
+            for state in opt_a.state.values():
+                state["m"], state["v"] = state["m"].contiguous(), state["v"].contiguous()
+    assert torch.equal(a.detach(), b.detach())
+    assert a.detach().is_contiguous(memory_format=torch.channels_last)
