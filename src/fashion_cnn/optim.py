@@ -63,9 +63,10 @@ class KerasAdam(torch.optim.Optimizer):
             torch._foreach_add_(steps, t)
             b1, b2, lr, eps = group["beta_1"], group["beta_2"], group["lr"], group["epsilon"]
             # torch's fused AdamW kernel (one pass over each tensor: 0.11 ms per step for
-            # model1/model2 here against 0.19-0.20 ms for six foreach ops) divides by sqrt(v)/sqrt(1-b2^t) + eps'. With eps' = eps/sqrt(1-b2^t)
-            # that is lr*sqrt(1-b2^t)/(1-b1^t) * m/(sqrt(v) + eps): Keras' update, decoupled
-            # decay w <- w*(1 - lr*wd) first, as above; only the rounding differs (~1e-7).
+            # model1/model2 here against 0.19-0.20 ms for six foreach ops) divides by
+            # sqrt(v)/sqrt(1-b2^t) + eps'. With eps' = eps/sqrt(1-b2^t) that is
+            # lr*sqrt(1-b2^t)/(1-b1^t) * m/(sqrt(v) + eps): Keras' update, with the decoupled
+            # decay w <- w*(1 - lr*wd) first; only the rounding differs (~1e-7).
             torch._fused_adamw_(params, grads, ms, vs, [], steps, amsgrad=False, lr=lr,
                                 beta1=b1, beta2=b2, weight_decay=group["weight_decay"],
                                 eps=eps / math.sqrt(1.0 - b2 ** t), maximize=False)
