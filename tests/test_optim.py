@@ -52,7 +52,8 @@ def test_keras_adam_is_independent_of_memory_layout():
     torch.manual_seed(0)
     a = torch.randn(8, 3, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
     b = a.detach().clone().contiguous().requires_grad_()
-    opt_a, opt_b = KerasAdam([a], lr=1e-2, weight_decay=0.01), KerasAdam([b], lr=1e-2, weight_decay=0.01)
+    opt_a = KerasAdam([a], lr=1e-2, weight_decay=0.01)
+    opt_b = KerasAdam([b], lr=1e-2, weight_decay=0.01)
     for step in range(5):
         g = torch.randn(8, 3, 3, 3)
         a.grad, b.grad = g.clone(), g.clone().contiguous(memory_format=torch.channels_last)
