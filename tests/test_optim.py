@@ -47,7 +47,7 @@ def test_schedules():
 
 def test_keras_adam_is_independent_of_memory_layout():
     # The fused kernel walks tensors in memory order: a channels_last kernel with a contiguous
-    # gradient, or with contiguous m and v (as a checkpoint restores them), must still pair
+    # gradient, or with contiguous m and v loaded (as a checkpoint stores them), must still pair
     # each weight with its own gradient and moments.
     torch.manual_seed(0)
     a = torch.randn(8, 3, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -59,8 +59,10 @@ def test_keras_adam_is_independent_of_memory_layout():
         a.grad, b.grad = g.clone(), g.clone().contiguous(memory_format=torch.channels_last)
         opt_a.step()
         opt_b.step()
-        if step == 2:
-            for state in opt_a.state.values():
+        if step == 2:  # a round trip through a state dict with contiguous m and v
+            saved = opt_a.state_dict()
+            for state in saved["state"].values():
                 state["m"], state["v"] = state["m"].contiguous(), state["v"].contiguous()
+            opt_a.load_state_dict(saved)
     assert torch.equal(a.detach(), b.detach())
     assert a.detach().is_contiguous(memory_format=torch.channels_last)

@@ -36,6 +36,17 @@ class KerasAdam(torch.optim.Optimizer):
                         weight_decay=weight_decay)
         super().__init__(params, defaults)
 
+    def load_state_dict(self, state_dict) -> None:
+        """As torch's, then m and v in their weight's layout: a checkpoint stores them
+        contiguous, and the fused step needs a channels_last kernel's moments channels_last."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state:
+                    state["m"] = _laid_out_like(p, state["m"])
+                    state["v"] = _laid_out_like(p, state["v"])
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
@@ -51,9 +62,6 @@ class KerasAdam(torch.optim.Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float64)
                     state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                else:  # a checkpoint gives contiguous m, v; a channels_last kernel needs its own
-                    state["m"] = _laid_out_like(p, state["m"])
-                    state["v"] = _laid_out_like(p, state["v"])
             ms = [self.state[p]["m"] for p in params]
             vs = [self.state[p]["v"] for p in params]
             steps = [self.state[p]["step"] for p in params]
