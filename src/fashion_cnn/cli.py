@@ -177,7 +177,9 @@ def cmd_evaluate(args) -> int:
         return 0
     print(f"Test loss: {result['test_loss']:.4f}  accuracy: {result['test_accuracy']:.4f} "
           f"({result['test_correct']}/{result['test_size']}) in {result['eval_seconds']:.2f} s"
-          + ("" if result["tta"] == "none" else f" (test-time augmentation: {result['tta']})"))
+          + ("" if result["tta"] == "none" else
+             f" (test-time augmentation: {result['tta']}; without it: "
+             f"{result['test_accuracy_without_tta']:.4f})"))
     for name, acc in result["per_class_accuracy"].items():
         print(f"  {name:<14}{acc:.4f}")
     if result["tta"] == "flip":

@@ -180,9 +180,7 @@ def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) 
             metrics["val_accuracy_tta"] = evaluate(
                 model, splits.x_val, splits.y_val, cfg.train.eval_batch_size,
                 cfg.train.precision, cfg.train.tta)["accuracy"]
-        metrics["test_accuracy_without_tta"] = evaluate(
-            model, splits.x_test, splits.y_test, cfg.train.eval_batch_size,
-            cfg.train.precision)["accuracy"]
+        metrics["test_accuracy_without_tta"] = result["accuracy_without_tta"]
     fileio.write_json(run_dir / "metrics.json", metrics)
     per_class = ""
     if plots:
@@ -336,9 +334,12 @@ def evaluate_run(run_dir: str | os.PathLike, data: FashionMNIST | None = None,
     for index, name in enumerate(CLASS_NAMES):
         mask = y == index
         per_class[name] = float((pred[mask] == index).float().mean()) if mask.any() else None
-    return {"test_loss": result["loss"], "test_accuracy": result["accuracy"],
-            "test_correct": result["correct"], "test_size": len(y),
-            "per_class_accuracy": per_class, "eval_seconds": seconds, "tta": tta}
+    out = {"test_loss": result["loss"], "test_accuracy": result["accuracy"],
+           "test_correct": result["correct"], "test_size": len(y),
+           "per_class_accuracy": per_class, "eval_seconds": seconds, "tta": tta}
+    if "accuracy_without_tta" in result:
+        out["test_accuracy_without_tta"] = result["accuracy_without_tta"]
+    return out
 
 
 def read_metrics(run_dir: str | os.PathLike) -> dict:

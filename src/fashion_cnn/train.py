@@ -257,27 +257,42 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 25
                    precision: str = "fp32", tta: str = "none") -> torch.Tensor:
     """Logits (N, n_classes) in float32, in eval mode and inference mode, in large batches;
     with `tta`, the mean of the logits of each view (see tta_views)."""
+    return _predict(model, x, batch_size, precision, tta)[0]
+
+
+def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int,
+             precision: str, tta: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean logits over the TTA views, logits of the plain images), both (N, n_classes) float32.
+    The first view is the plain batch, so the plain logits come from the same pass."""
     was_training = model.training
     model.eval()
-    outs = []
+    means, plains = [], []
     with torch.inference_mode(), autocast(precision):
         for start in range(0, len(x), batch_size):
             batch = x[start:start + batch_size].contiguous(memory_format=torch.channels_last)
             views = tta_views(batch, tta)
-            logits = model(views[0]).float()
+            plain = model(views[0]).float()
+            logits = plain.clone() if len(views) > 1 else plain
             for view in views[1:]:
                 logits += model(view).float()
-            outs.append(logits / len(views))
+            means.append(logits / len(views))
+            plains.append(plain)
     model.train(was_training)
-    return torch.cat(outs) if outs else torch.zeros(0)
+    if not means:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(means), torch.cat(plains)
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
              precision: str = "fp32", tta: str = "none") -> dict:
-    """Mean cross-entropy (without regularization penalty), accuracy and predictions."""
-    logits = predict_logits(model, x, batch_size, precision, tta)
+    """Mean cross-entropy (without regularization penalty), accuracy and predictions; with
+    `tta`, also the accuracy of the plain images alone (`accuracy_without_tta`)."""
+    logits, plain = _predict(model, x, batch_size, precision, tta)
     loss = F.cross_entropy(logits, y, reduction="sum").item() / max(1, len(y))
     predictions = logits.argmax(1)
     correct = int((predictions == y).sum())
+    extra = {}
+    if tta != "none":
+        extra["accuracy_without_tta"] = int((plain.argmax(1) == y).sum()) / max(1, len(y))
     return {"loss": loss, "accuracy": correct / max(1, len(y)), "correct": correct,
-            "predictions": predictions, "logits": logits}
+            "predictions": predictions, "logits": logits, **extra}
