@@ -214,6 +214,7 @@ def test_run_with_tta_reports_both_accuracies_and_evaluate_can_switch_it(real_da
     plain = run.evaluate_run(out, data=real_data, tta="none")
     assert plain["test_accuracy"] == metrics["test_accuracy_without_tta"] and plain["tta"] == "none"
     assert "test_accuracy_without_tta" not in plain
+    assert plain["trained_with_flips"]  # `fast` mirrors half of each batch
     # the plain accuracy comes from the first view of the TTA pass: it must equal a plain pass
     assert run.evaluate_run(out, data=real_data)["test_accuracy_without_tta"] == plain["test_accuracy"]
 

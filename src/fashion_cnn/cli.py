@@ -169,7 +169,7 @@ def cmd_resume(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .run import evaluate_run, load_run_config
+    from .run import evaluate_run
 
     result = evaluate_run(args.run_dir, checkpoint=args.checkpoint, tta=args.tta)
     if args.json:
@@ -182,11 +182,9 @@ def cmd_evaluate(args) -> int:
              f"{result['test_accuracy_without_tta']:.4f})"))
     for name, acc in result["per_class_accuracy"].items():
         print(f"  {name:<14}{acc:.4f}")
-    if result["tta"] == "flip":
-        augment = load_run_config(args.run_dir).augment
-        if not (augment.enabled and augment.horizontal_flip):
-            print("note: this run was trained without horizontal flips; the flip TTA shows it "
-                  "mirrored shoes, which it has never seen", file=sys.stderr)
+    if result["tta"] == "flip" and not result["trained_with_flips"]:
+        print("note: this run was trained without horizontal flips; the flip TTA shows it "
+              "mirrored shoes, which it has never seen", file=sys.stderr)
     return 0
 
 

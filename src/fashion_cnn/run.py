@@ -339,6 +339,8 @@ def evaluate_run(run_dir: str | os.PathLike, data: FashionMNIST | None = None,
            "per_class_accuracy": per_class, "eval_seconds": seconds, "tta": tta}
     if "accuracy_without_tta" in result:
         out["test_accuracy_without_tta"] = result["accuracy_without_tta"]
+    # a mirrored shoe is new to a model trained without flips: the CLI warns about the flip TTA
+    out["trained_with_flips"] = bool(cfg.augment.enabled and cfg.augment.horizontal_flip)
     return out
 
 
