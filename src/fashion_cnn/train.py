@@ -272,9 +272,9 @@ def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int,
             batch = x[start:start + batch_size].contiguous(memory_format=torch.channels_last)
             views = tta_views(batch, tta)
             plain = model(views[0]).float()
-            logits = plain.clone() if len(views) > 1 else plain
+            logits = plain
             for view in views[1:]:
-                logits += model(view).float()
+                logits = logits + model(view).float()  # out of place: `plain` stays as it is
             means.append(logits / len(views))
             plains.append(plain)
     model.train(was_training)
