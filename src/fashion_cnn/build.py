@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import kernels
 from .spec import LayerSpec, ModelSpec, Regularizer
 
 _ACTIVATIONS = {
@@ -227,11 +228,28 @@ class KerasSequential(nn.Module):
         self.layers = nn.ModuleList(_layer(layer, self._regularized) for layer in spec.layers)
         self.layer_names = [layer.name for layer in spec.layers]
         _pool_before_relu(self.layers)
-
+        # layer indices i where layers i and i+1 are conv -> (pool, ReLU), a block that
+        # kernels.conv1_pool_relu computes in one pass (the same parameters, the same results)
+        self.fusable = [i for i in range(len(self.layers) - 1)
+                        if isinstance(self.layers[i + 1], nn.Sequential)
+                        and len(self.layers[i + 1]) == 2
+                        and isinstance(self.layers[i + 1][1], nn.ReLU)
+                        and kernels.eligible(self.layers[i], self.layers[i + 1][0])]
+        self.use_fused_kernels = True  # False: run every layer through PyTorch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
+        fused = (self.fusable if self.use_fused_kernels and not torch.compiler.is_compiling()
+                 else ())
+        i, layers = 0, self.layers
+        while i < len(layers):
+            if (i in fused and x.device.type == "cpu" and x.dtype == torch.float32
+                    and not x.requires_grad and kernels.available()):
+                conv = layers[i]
+                x = kernels.conv1_pool_relu(x, conv.weight, conv.bias)
+                i += 2
+            else:
+                x = layers[i](x)
+                i += 1
         return x
 
     @property

@@ -1,0 +1,189 @@
+"""A fused kernel for the seed networks' first block: Conv2D(1 -> C) + ReLU + MaxPooling2D(2).
+
+As three library calls that block moves the full-resolution convolution output through memory
+several times per step while doing almost no arithmetic; `conv1_pool.c` computes each pooled
+value from its input window in registers instead (see the file for the layouts). It is
+compiled once per machine with the system's C compiler (`cc -O3 -march=native -fopenmp`,
+about a second) into the cache directory, and called through ctypes, so it needs no build step
+at install time. Where there is no compiler, or the build fails, or FASHION_CNN_NO_KERNELS is set,
+`available()` is False and the model runs the same layers through PyTorch: the kernel changes
+speed, not results (forward values equal up to float rounding; ties in the max go to the first
+window position, as in max_pool2d).
+
+>>> from fashion_cnn import kernels
+>>> kernels.available(), kernels.status()          # doctest: +SKIP
+(True, 'fused first block: compiled (~/.cache/fashion-cnn/kernels/conv1_pool-1a2b3c4d5e6f.so)')
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("conv1_pool.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
+COMPILE_TIMEOUT_S = 120
+LANES = 16  # as in conv1_pool.c: the kernel takes the channels in blocks of 16
+
+_library: ctypes.CDLL | None = None
+_status: str | None = None  # why the kernel is or is not in use, once decided
+
+
+def _cpu_signature() -> str:
+    """-march=native ties the binary to the CPU: its model and flags go into the cache key."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(compiler: str) -> Path:
+    """Compile SOURCE into the cache (once per source, compiler and CPU); the library's path."""
+    from ..data import cache_root
+
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS),
+                                    _cpu_signature()]).encode()).hexdigest()[:12]
+    target = cache_root() / "kernels" / f"conv1_pool-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # compile beside the target, then rename: a concurrent process sees no half-written file
+    fd, tmp_name = tempfile.mkstemp(prefix=".conv1_pool-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, "-o", tmp_name, str(SOURCE)],
+                                capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        if result.returncode != 0:
+            first = (result.stderr.strip().splitlines() or ["(no message)"])[0]
+            raise RuntimeError(f"{compiler} failed: {first}")
+        os.replace(tmp_name, target)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return target
+
+
+def _load() -> ctypes.CDLL | None:
+    global _library, _status
+    if _status is not None:
+        return _library
+    if os.environ.get("FASHION_CNN_NO_KERNELS"):
+        _status = "fused first block: off (FASHION_CNN_NO_KERNELS is set)"
+        return None
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "aarch64"):
+        _status = f"fused first block: off (not built on {sys.platform}/{platform.machine()})"
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        _status = "fused first block: off (no C compiler found; install gcc to enable it)"
+        return None
+    try:
+        path = _build(compiler)
+        library = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _status = f"fused first block: off ({exc})"
+        return None
+    i64, f32p, u8p = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
+    library.conv1_pool_relu_forward.argtypes = [f32p, f32p, f32p, f32p, u8p,
+                                                i64, i64, i64, i64, i64, ctypes.c_int]
+    library.conv1_pool_relu_backward.argtypes = [f32p, f32p, u8p, f32p, f32p,
+                                                 i64, i64, i64, i64, i64, ctypes.c_int]
+    library.conv1_pool_relu_forward.restype = None
+    library.conv1_pool_relu_backward.restype = None
+    _library, _status = library, f"fused first block: compiled ({path})"
+    return _library
+
+
+def available() -> bool:
+    """True when the fused kernel is compiled and loaded (compiling it on the first call)."""
+    return _load() is not None
+
+
+def status() -> str:
+    """One line: whether the fused kernel is in use, and why not where it is not."""
+    _load()
+    return _status or ""
+
+
+def eligible(conv: torch.nn.Conv2d, pool: torch.nn.Module) -> bool:
+    """Whether (conv, pool) is the block the kernel computes: a square k x k convolution of one
+    input channel to a multiple of 16 channels, stride 1, no padding or dilation, then a 2x2 max pool with stride 2 and no
+    padding (a ReLU follows the pool, or precedes it: the two orders are equal)."""
+    if not isinstance(conv, torch.nn.Conv2d) or not isinstance(pool, torch.nn.MaxPool2d):
+        return False
+    k = conv.kernel_size
+    pool_k = pool.kernel_size if isinstance(pool.kernel_size, tuple) else (pool.kernel_size,) * 2
+    pool_s = pool.stride if isinstance(pool.stride, tuple) else (pool.stride,) * 2
+    pool_p = pool.padding if isinstance(pool.padding, tuple) else (pool.padding,) * 2
+    pool_d = pool.dilation if isinstance(pool.dilation, tuple) else (pool.dilation,) * 2
+    return (conv.in_channels == 1 and conv.out_channels % LANES == 0 and k[0] == k[1] and conv.stride == (1, 1)
+            and conv.padding == (0, 0) and getattr(conv, "same_pad", None) is None
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and pool_k == (2, 2) and pool_s == (2, 2) and pool_p == (0, 0)
+            and pool_d == (1, 1) and not pool.ceil_mode and not pool.return_indices)
+
+
+class _Conv1PoolReLU(torch.autograd.Function):
+    """relu(max_pool2d(conv2d(x, weight, bias), 2)) for x (N, 1, H, W) that needs no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        lib = _library
+        n, _, h, w = x.shape
+        channels, k = weight.shape[0], weight.shape[-1]
+        images = x.reshape(n, h, w).float().contiguous()
+        taps = weight.detach().float().reshape(channels, k * k).t().contiguous()  # (k*k, C)
+        shift = (bias.detach().float().contiguous() if bias is not None
+                 else torch.zeros(channels))
+        ph, pw = (h - k + 1) // 2, (w - k + 1) // 2
+        out = torch.empty((n, ph, pw, channels))  # channels_last storage of (N, C, ph, pw)
+        need_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        winner = torch.empty((n, ph, pw, channels), dtype=torch.uint8) if need_grad else None
+        lib.conv1_pool_relu_forward(images.data_ptr(), taps.data_ptr(), shift.data_ptr(),
+                                    out.data_ptr(), winner.data_ptr() if need_grad else None,
+                                    n, h, w, k, channels, torch.get_num_threads())
+        if need_grad:
+            ctx.save_for_backward(images, winner)
+        ctx.shape = (n, h, w, k, channels)
+        ctx.has_bias = bias is not None
+        return out.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        images, winner = ctx.saved_tensors
+        n, h, w, k, channels = ctx.shape
+        grad = grad_out.float().permute(0, 2, 3, 1).contiguous()  # (N, ph, pw, C)
+        grad_taps = torch.empty((k * k, channels))
+        grad_bias = torch.empty(channels)
+        _library.conv1_pool_relu_backward(images.data_ptr(), grad.data_ptr(), winner.data_ptr(),
+                                          grad_taps.data_ptr(), grad_bias.data_ptr(),
+                                          n, h, w, k, channels, torch.get_num_threads())
+        grad_weight = grad_taps.t().reshape(channels, 1, k, k)
+        return None, grad_weight, grad_bias if ctx.has_bias else None
+
+
+def conv1_pool_relu(x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """relu(max_pool2d(conv2d(x, weight, bias), 2)), float32, channels_last (N, C, ph, pw).
+
+    x: (N, 1, H, W) on the CPU, not requiring a gradient; weight (C, 1, k, k); bias (C) or None.
+    Call only when available() is True.
+    """
+    return _Conv1PoolReLU.apply(x, weight, bias)
