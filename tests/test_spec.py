@@ -149,3 +149,44 @@ def test_residual_block_shapes():
     model = build_model(spec, seed=0)
     assert sum(p.numel() for p in model.parameters()) + 2 * 16 + 2 * 16 == spec.total_params
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_small_output_conv_gradients_equal_conv2d():
+    # the matrix-product weight gradient, checked exactly in float32 ...
+    from fashion_cnn.build import _SmallOutputConv
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 64, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight = torch.randn(48, 64, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+    weight.requires_grad_()
+    bias = torch.randn(48, generator=g).requires_grad_()
+    upstream = torch.randn(6, 48, 3, 3, generator=g)
+    want = torch.autograd.grad(torch.nn.functional.conv2d(x, weight, bias), (x, weight, bias),
+                               upstream)
+    got = torch.autograd.grad(_SmallOutputConv.apply(x, weight, bias), (x, weight, bias), upstream)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_small_output_conv_is_used_in_bf16_training_only(monkeypatch):
+    # ... and in a seed model under bf16 autocast, against oneDNN's bf16 backward
+    import fashion_cnn.build as build
+    model = build_model(get_model_spec("model1"), seed=0)
+    conv3 = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][2]
+    x = torch.rand(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+
+    def conv3_grad(positions):
+        monkeypatch.setattr(build, "SMALL_OUTPUT_POSITIONS", positions)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        return conv3.weight.grad.clone()
+
+    monkeypatch.setattr(build, "SMALL_OUTPUT_POSITIONS", 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv3._small_output_bf16(torch.zeros(2, 64, 5, 5))
+    assert not conv3._small_output_bf16(torch.zeros(2, 64, 5, 5))   # fp32: oneDNN
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert not conv3._small_output_bf16(torch.zeros(2, 64, 5, 5))  # inference: oneDNN
+    torch.testing.assert_close(conv3_grad(16), conv3_grad(0), rtol=0.03, atol=0.03 * conv3_grad(0).abs().max().item())

@@ -78,7 +78,73 @@ class KerasConv2d(nn.Conv2d):
     def forward(self, x):
         if self.same_pad is not None:
             x = F.pad(x, self.same_pad)
+        if self._small_output_bf16(x):
+            cast = torch.bfloat16
+            with torch.autocast("cpu", enabled=False):
+                return _SmallOutputConv.apply(
+                    x.to(cast), self.weight.to(cast),
+                    self.bias.to(cast) if self.bias is not None else None)
         return super().forward(x)
+
+    def _small_output_bf16(self, x: torch.Tensor) -> bool:
+        """Whether the weight gradient is better taken as one matrix product (see
+        _SmallOutputConv): bf16 training of a plain convolution with at most
+        SMALL_OUTPUT_POSITIONS output positions."""
+        if not (torch.is_grad_enabled() and self.weight.requires_grad and x.device.type == "cpu"
+                and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+            return False
+        if (self.stride != (1, 1) or self.padding != (0, 0) or self.dilation != (1, 1)
+                or self.groups != 1 or x.dim() != 4):
+            return False
+        kh, kw = self.kernel_size
+        return (x.shape[2] - kh + 1) * (x.shape[3] - kw + 1) <= SMALL_OUTPUT_POSITIONS
+
+
+# Output positions up to which _SmallOutputConv is used. Measured with bf16, channels_last, two
+# threads (benchmarks/RESULTS.md): model1's third convolution (5x5 -> 3x3, 64 channels) takes
+# its weight gradient in 0.80 ms as a product against 2.31 ms through oneDNN at batch 128
+# (0.22 / 0.61 ms for model2's at batch 32); the second (13x13 -> 11x11) is twice as slow
+# that way, so the line lies between 9 and 121 positions.
+SMALL_OUTPUT_POSITIONS = 16
+
+
+class _SmallOutputConv(torch.autograd.Function):
+    """conv2d (stride 1, no padding) whose weight gradient is one matrix product.
+
+    oneDNN's bf16 backward-weights kernel is slow on small images (a 3x3 output): there, the
+    product of the output gradient (C_out, N*oh*ow) with the input patches (N*oh*ow, k*k*C_in),
+    gathered from the channels_last input, is 2-3x faster. Forward and the input gradient stay
+    with oneDNN. Inputs arrive already in bf16 (the caller casts, as autocast would).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        n, channels, height, width = x.shape
+        out_channels, _, kh, kw = weight.shape
+        oh, ow = height - kh + 1, width - kw + 1
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                [True, False, False])[0]
+        rows = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view, contiguous for channels_last x
+        s = rows.stride()
+        # (N*oh*ow, kh*kw*C) patches: position (i, j) takes rows i..i+kh-1, columns j..j+kw-1
+        patches = rows.as_strided((n, oh, ow, kh, kw, channels),
+                                  (s[0], s[1], s[2], s[1], s[2], s[3])).reshape(-1, kh * kw * channels)
+        grad_rows = grad_out.permute(0, 2, 3, 1).reshape(-1, out_channels)  # (N*oh*ow, C_out)
+        grad_weight = (grad_rows.t() @ patches).view(out_channels, kh, kw, channels)
+        grad_weight = grad_weight.permute(0, 3, 1, 2)  # (C_out, C_in, kh, kw), channels_last
+        grad_bias = grad_rows.sum(0) if ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias
 
 
 class Residual(nn.Module):
