@@ -6,12 +6,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RECIPE ?= fast
 
-.PHONY: run test setup data browser clean
+.PHONY: run test setup data browser compiler clean
 
-run: setup data
+run: setup data compiler
 	$(PY) -m fashion_cnn train $(RECIPE)
 
-test: setup data browser
+test: setup data browser compiler
 	$(PY) -m pytest -q
 
 setup: $(VENV)/.installed
@@ -27,6 +27,11 @@ $(VENV)/.installed: pyproject.toml
 data:
 	@sh scripts/ensure-package.sh dataset-fashion-mnist \
 		"$(PY) -c 'from fashion_cnn.data import find_data_dir; find_data_dir()'"
+
+# A C compiler for the fused first block of the seed's networks (src/fashion_cnn/kernels); without
+# one those layers run through PyTorch alone, slower.
+compiler:
+	@sh scripts/ensure-package.sh gcc "command -v cc || command -v gcc"
 
 # Headless Chromium for the HTML report test (Debian's package).
 browser:

@@ -45,6 +45,8 @@ def test_run_directory_contents_and_evaluate_reproduces_metrics(real_data, tmp_p
     for key in ("test_loss", "test_accuracy", "params", "epochs", "train_seconds", "samples_per_second"):
         assert key in metrics
     assert metrics["params"] == 93322 and metrics["epochs"] == 2
+    from fashion_cnn import kernels
+    assert metrics["fused_first_block"] is kernels.available()  # model1 opens with the block
     again = run.evaluate_run(r, data=real_data)
     assert again["test_accuracy"] == metrics["test_accuracy"]
     assert again["test_loss"] == pytest.approx(metrics["test_loss"], rel=1e-6)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import fileio
+from . import fileio, kernels
 from .build import KerasSequential, build_model
 from .callbacks import (EarlyStopping, HistoryWriter, ModelCheckpoint, ProgressBar, best_epoch,
                         check_options)
@@ -167,6 +167,9 @@ def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) 
         "eval_seconds": eval_seconds,
         "peak_rss_mib": peak_rss_mib(),
         "precision": cfg.train.precision, "threads": torch.get_num_threads(),
+        # whether the model ran its first block through the fused kernel (speed, not results)
+        "fused_first_block": (bool(getattr(trainer.model, "fusable", None))
+                              and trainer.model.use_fused_kernels and kernels.available()),
     }
     if history:
         last = history[-1]
