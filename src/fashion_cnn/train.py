@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from . import fileio
+from . import fileio, kernels
 from .augment import augment_batch
 from .build import KerasSequential, build_model
 from .config import RunConfig
@@ -90,6 +90,8 @@ class Trainer:
         self.last_checkpoint = None           # newest checkpoint written or resumed from
         # test hook (fileio._fault_hook): pause at a batch boundary so a test can kill the process
         self._pause_hook = os.environ.get("FASHION_CNN_PAUSE_AT") == "batch"
+        if getattr(self.model, "fusable", None):
+            kernels.available()  # compile the fused first block now, not inside the first epoch
         self.forward = torch.compile(self.model) if t.compile else self.model
         self.compile_seconds = 0.0
         n = len(splits.x_train)

@@ -3,9 +3,9 @@
 As three library calls that block moves the full-resolution convolution output through memory
 several times per step while doing almost no arithmetic; `conv1_pool.c` computes each pooled
 value from its input window in registers instead (see the file for the layouts). It is
-compiled once per machine with the system's C compiler (`cc -O3 -march=native -fopenmp`,
-about a second) into the cache directory, and called through ctypes, so it needs no build step
-at install time. Where there is no compiler, or the build fails, or FASHION_CNN_NO_KERNELS is set,
+compiled once per machine with the system's C compiler (`cc -O3 -march=native -fopenmp`, 0.2 s
+on the reference machine) into the cache directory, and called through ctypes, so it needs no
+build step at install time. Where there is no compiler, or the build fails, or FASHION_CNN_NO_KERNELS is set,
 `available()` is False and the model runs the same layers through PyTorch: the kernel changes
 speed, not results (forward values equal up to float rounding; ties in the max go to the first
 window position, as in max_pool2d).
