@@ -167,9 +167,11 @@ def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) 
         "eval_seconds": eval_seconds,
         "peak_rss_mib": peak_rss_mib(),
         "precision": cfg.train.precision, "threads": torch.get_num_threads(),
-        # whether the model ran its first block through the fused kernel (speed, not results)
+        # whether the training steps ran the first block through the fused kernel (speed, not
+        # results); a compiled model runs PyTorch's layers inside the compiled graph
         "fused_first_block": (bool(getattr(trainer.model, "fusable", None))
-                              and trainer.model.use_fused_kernels and kernels.available()),
+                              and trainer.model.use_fused_kernels and not cfg.train.compile
+                              and kernels.available()),
     }
     if history:
         last = history[-1]
