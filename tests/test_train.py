@@ -231,3 +231,16 @@ def test_run_without_validation_split_trains_on_everything_and_reports_no_val(re
     header, row = (tmp_path / "r" / "history.csv").read_text().strip().splitlines()
     assert row.split(",")[3:5] == ["", ""]  # val_loss, val_accuracy left empty, not zero
     assert (tmp_path / "r" / "plots" / "metrics.png").stat().st_size > 0
+
+
+def test_peak_memory_count_restarts_for_each_run():
+    # a study trains its runs in one process: each run's metrics.json must hold its own peak
+    import os
+    import torch
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("no /proc/self/clear_refs here: the peak is the process's")
+    block = torch.ones(256 * 1024 * 1024 // 4)  # 256 MiB, touched
+    del block
+    high = run.peak_rss_mib()
+    run.reset_peak_rss()
+    assert run.peak_rss_mib() < high - 128

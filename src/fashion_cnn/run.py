@@ -146,6 +146,16 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_rss() -> None:
+    """Start the peak-memory count afresh (Linux: VmHWM is reset to the current resident size),
+    so that each run of a study, all in one process, reports its own peak and not the largest
+    of the runs before it. Elsewhere a no-op: the figure is then the process's peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) -> RunResult:
     cfg, model, splits = trainer.config, trainer.model, trainer.splits
     save_weights(model, run_dir / "model.safetensors", {"model": cfg.model.name})
@@ -222,6 +232,7 @@ def train(name_or_config: str | RunConfig, out: str | os.PathLike | None = None,
     cfg = resolve_config(name_or_config, **overrides)
     check_options(cfg)
     configure_runtime(cfg.train.threads)
+    reset_peak_rss()
     splits = splits_for(cfg, data)
     run_dir = _prepare_run_dir(out, cfg)
     fileio.write_text(run_dir / "config.toml", to_toml(cfg))
@@ -263,6 +274,7 @@ def resume(run_dir: str | os.PathLike, *, epochs: int | None = None,
             raise UserError(f"--epochs {epochs} is fewer than the run's {cfg.train.epochs}")
         cfg.train.epochs = epochs
     configure_runtime(cfg.train.threads)
+    reset_peak_rss()
     splits = splits_for(cfg, data)
     trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, plots, callbacks))
     try:
