@@ -139,7 +139,8 @@ class _SmallOutputConv(torch.autograd.Function):
         s = rows.stride()
         # (N*oh*ow, kh*kw*C) patches: position (i, j) takes rows i..i+kh-1, columns j..j+kw-1
         patches = rows.as_strided((n, oh, ow, kh, kw, channels),
-                                  (s[0], s[1], s[2], s[1], s[2], s[3])).reshape(-1, kh * kw * channels)
+                                  (s[0], s[1], s[2], s[1], s[2], s[3]))
+        patches = patches.reshape(-1, kh * kw * channels)
         grad_rows = grad_out.permute(0, 2, 3, 1).reshape(-1, out_channels)  # (N*oh*ow, C_out)
         grad_weight = (grad_rows.t() @ patches).view(out_channels, kh, kw, channels)
         grad_weight = grad_weight.permute(0, 3, 1, 2)  # (C_out, C_in, kh, kw), channels_last
@@ -303,13 +304,19 @@ class KerasSequential(nn.Module):
                         and kernels.eligible(self.layers[i], self.layers[i + 1][0])]
         self.use_fused_kernels = True  # False: run every layer through PyTorch
 
+    @property
+    def runs_fused_block(self) -> bool:
+        """Whether forward() hands a block to kernels.conv1_pool_relu (for a float32 CPU input
+        that needs no gradient; compiling the kernel on the first call)."""
+        return bool(self.fusable) and self.use_fused_kernels and kernels.available()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = (self.fusable if self.use_fused_kernels and not torch.compiler.is_compiling()
+        fused = (self.fusable if not torch.compiler.is_compiling() and self.runs_fused_block
                  else ())
         i, layers = 0, self.layers
         while i < len(layers):
             if (i in fused and x.device.type == "cpu" and x.dtype == torch.float32
-                    and not x.requires_grad and kernels.available()):
+                    and not x.requires_grad):
                 conv = layers[i]
                 x = kernels.conv1_pool_relu(x, conv.weight, conv.bias)
                 i += 2

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import fileio, kernels
+from . import fileio
 from .build import KerasSequential, build_model
 from .callbacks import (EarlyStopping, HistoryWriter, ModelCheckpoint, ProgressBar, best_epoch,
                         check_options)
@@ -179,9 +179,8 @@ def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) 
         "precision": cfg.train.precision, "threads": torch.get_num_threads(),
         # whether the training steps ran the first block through the fused kernel (speed, not
         # results); a compiled model runs PyTorch's layers inside the compiled graph
-        "fused_first_block": (bool(getattr(trainer.model, "fusable", None))
-                              and trainer.model.use_fused_kernels and not cfg.train.compile
-                              and kernels.available()),
+        "fused_first_block": (getattr(trainer.model, "runs_fused_block", False)
+                              and not cfg.train.compile),
     }
     if history:
         last = history[-1]

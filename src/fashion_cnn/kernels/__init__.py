@@ -5,9 +5,9 @@ several times per step while doing almost no arithmetic; `conv1_pool.c` computes
 value from its input window in registers instead (see the file for the layouts). It is
 compiled once per machine with the system's C compiler (`cc -O3 -march=native -fopenmp`, 0.2 s
 on the reference machine) into the cache directory, and called through ctypes, so it needs no
-build step at install time. Where there is no compiler, or the build fails, or FASHION_CNN_NO_KERNELS is set,
-`available()` is False and the model runs the same layers through PyTorch: the kernel changes
-speed, not results (forward values equal up to float rounding; ties in the max go to the first
+build step at install time. Where there is no compiler, or the build fails, or
+FASHION_CNN_NO_KERNELS is set, `available()` is False and the model runs the same layers
+through PyTorch: the kernel changes speed, not results (forward values equal up to float rounding; ties in the max go to the first
 window position, as in max_pool2d).
 
 >>> from fashion_cnn import kernels
@@ -122,22 +122,26 @@ def status() -> str:
     return _status or ""
 
 
+def _pair(value) -> tuple:
+    """A pooling argument as a (height, width) pair: MaxPool2d keeps what it was given."""
+    return value if isinstance(value, tuple) else (value, value)
+
+
 def eligible(conv: torch.nn.Conv2d, pool: torch.nn.Module) -> bool:
     """Whether (conv, pool) is the block the kernel computes: a square k x k convolution of one
-    input channel to a multiple of 16 channels, stride 1, no padding or dilation, then a 2x2 max pool with stride 2 and no
-    padding (a ReLU follows the pool, or precedes it: the two orders are equal)."""
+    input channel to a multiple of 16 channels, stride 1, no padding or dilation, then a 2x2
+    max pool with stride 2 and no padding (a ReLU follows the pool, or precedes it: the two
+    orders are equal)."""
     if not isinstance(conv, torch.nn.Conv2d) or not isinstance(pool, torch.nn.MaxPool2d):
         return False
     k = conv.kernel_size
-    pool_k = pool.kernel_size if isinstance(pool.kernel_size, tuple) else (pool.kernel_size,) * 2
-    pool_s = pool.stride if isinstance(pool.stride, tuple) else (pool.stride,) * 2
-    pool_p = pool.padding if isinstance(pool.padding, tuple) else (pool.padding,) * 2
-    pool_d = pool.dilation if isinstance(pool.dilation, tuple) else (pool.dilation,) * 2
-    return (conv.in_channels == 1 and conv.out_channels % LANES == 0 and k[0] == k[1] and conv.stride == (1, 1)
-            and conv.padding == (0, 0) and getattr(conv, "same_pad", None) is None
+    return (conv.in_channels == 1 and conv.out_channels % LANES == 0 and k[0] == k[1]
+            and conv.stride == (1, 1) and conv.padding == (0, 0)
+            and getattr(conv, "same_pad", None) is None
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and pool_k == (2, 2) and pool_s == (2, 2) and pool_p == (0, 0)
-            and pool_d == (1, 1) and not pool.ceil_mode and not pool.return_indices)
+            and _pair(pool.kernel_size) == (2, 2) and _pair(pool.stride) == (2, 2)
+            and _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1)
+            and not pool.ceil_mode and not pool.return_indices)
 
 
 class _Conv1PoolReLU(torch.autograd.Function):
@@ -145,7 +149,6 @@ class _Conv1PoolReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        lib = _library
         n, _, h, w = x.shape
         channels, k = weight.shape[0], weight.shape[-1]
         images = x.reshape(n, h, w).float().contiguous()
@@ -156,9 +159,9 @@ class _Conv1PoolReLU(torch.autograd.Function):
         out = torch.empty((n, ph, pw, channels))  # channels_last storage of (N, C, ph, pw)
         need_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         winner = torch.empty((n, ph, pw, channels), dtype=torch.uint8) if need_grad else None
-        lib.conv1_pool_relu_forward(images.data_ptr(), taps.data_ptr(), shift.data_ptr(),
-                                    out.data_ptr(), winner.data_ptr() if need_grad else None,
-                                    n, h, w, k, channels, torch.get_num_threads())
+        _library.conv1_pool_relu_forward(images.data_ptr(), taps.data_ptr(), shift.data_ptr(),
+                                         out.data_ptr(), winner.data_ptr() if need_grad else None,
+                                         n, h, w, k, channels, torch.get_num_threads())
         if need_grad:
             ctx.save_for_backward(images, winner)
         ctx.shape = (n, h, w, k, channels)
