@@ -234,13 +234,22 @@ def test_run_without_validation_split_trains_on_everything_and_reports_no_val(re
 
 
 def test_peak_memory_count_restarts_for_each_run():
-    # a study trains its runs in one process: each run's metrics.json must hold its own peak
+    # a study trains its runs in one process: each run's metrics.json must hold its own peak.
+    # Measured in a fresh process, so that memory kept by earlier tests plays no part.
     import os
-    import torch
+    import subprocess
+    import sys
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("no /proc/self/clear_refs here: the peak is the process's")
-    block = torch.ones(256 * 1024 * 1024 // 4)  # 256 MiB, touched
-    del block
-    high = run.peak_rss_mib()
-    run.reset_peak_rss()
-    assert run.peak_rss_mib() < high - 128
+    code = ("import torch\n"
+            "from fashion_cnn import run\n"
+            "run.reset_peak_rss()\n"
+            "block = torch.ones(256 * 1024 * 1024 // 4)  # 256 MiB, touched\n"
+            "del block\n"
+            "high = run.peak_rss_mib()\n"
+            "run.reset_peak_rss()\n"
+            "print(high, run.peak_rss_mib())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    high, after = map(float, done.stdout.split())
+    assert after < high - 128
