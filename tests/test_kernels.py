@@ -1,10 +1,12 @@
-"""The fused first block (kernels/conv1_pool.c) against the same layers run by PyTorch."""
+"""The C kernels: the fused first block (kernels/conv1_pool.c) against the same layers run by
+PyTorch, and dropout (kernels/dropout.c) against its definition written out in numpy."""
 
 import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -14,7 +16,7 @@ from fashion_cnn.build import build_model
 from fashion_cnn.zoo import get_model_spec
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
-                                reason=f"no fused kernel here: {kernels.status()}")
+                                reason=f"no C kernels here: {kernels.status()}")
 
 
 def reference(x, weight, bias):
@@ -136,3 +138,114 @@ def test_switched_off_by_the_environment():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "FASHION_CNN_NO_KERNELS" in done.stdout
+
+
+# ---- dropout -----------------------------------------------------------------------------
+
+def keep_mask(seed, n, rate):
+    """dropout.c's mask for n elements in memory order, from its definition (numpy's uint64
+    arithmetic wraps as C's does)."""
+    with np.errstate(over="ignore"):
+        index = np.arange(1, (n + 3) // 4 + 1, dtype=np.uint64)
+        z = np.uint64(seed) + index * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    lanes = z.astype("<u8").view("<u2")[:n]  # lane l of word q is element 4q + l
+    return torch.from_numpy(lanes.astype(np.int64) >= round(rate * 65536))
+
+
+def expected_dropout(x, seed, rate):
+    """x * keep / (1 - rate), the mask taken over x's storage order, in x's layout."""
+    storage = x.permute(0, 2, 3, 1) if x.is_contiguous(memory_format=torch.channels_last) \
+        and x.dim() == 4 else x
+    keep = keep_mask(seed, x.numel(), rate).reshape(storage.shape)
+    scale = torch.tensor(1.0 / (1.0 - rate), dtype=torch.float32)
+    out = (storage.float() * torch.where(keep, scale, torch.zeros(()))).to(x.dtype)
+    return out.permute(0, 3, 1, 2) if storage is not x else out
+
+
+@pytest.mark.parametrize("shape,channels_last,dtype", [
+    ((3, 5, 7, 11), False, torch.float32),     # 1155 values: a last partial word and block
+    ((32, 32, 13, 13), True, torch.float32),   # model2's first dropout, run on two threads
+    ((32, 64, 5, 5), True, torch.bfloat16),    # model2's second one under bf16 autocast
+    ((1000,), False, torch.bfloat16),
+])
+def test_dropout_equals_its_definition(shape, channels_last, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    seed, rate = 0x0123456789ABCDEF, 0.2
+    out = kernels.dropout(x, rate, seed)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    # exact: one float32 product per value, rounded once (to bfloat16 as PyTorch rounds)
+    assert torch.equal(out, expected_dropout(x, seed, rate))
+    # a different seed is a different mask
+    assert not torch.equal(out, kernels.dropout(x, rate, seed + 1))
+
+
+def test_dropout_gradient_uses_the_forward_mask():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 16, 9, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    out = kernels.dropout(x, 0.5, 77)
+    # the upstream gradient in another layout: it is brought to the input's before the mask
+    upstream = torch.randn(out.shape, generator=g)
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    assert torch.equal(grad, expected_dropout(upstream.contiguous(
+        memory_format=torch.channels_last), 77, 0.5))
+    assert torch.equal(grad == 0, out == 0)
+
+
+def test_dropout_keeps_one_minus_rate_uniformly_whatever_the_threads():
+    x = torch.ones(1 << 20)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.dropout(x, 0.3, 11)
+        torch.set_num_threads(2)
+        two = kernels.dropout(x, 0.3, 11)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    kept = (one != 0).float()
+    assert abs(kept.mean().item() - 0.7) < 0.002
+    for lane in range(4):  # each 16-bit lane of a word keeps its share
+        assert abs(kept[lane::4].mean().item() - 0.7) < 0.004
+    centred = kept - kept.mean()  # neighbours are independent
+    assert abs((centred[1:] * centred[:-1]).mean().item() / kept.var().item()) < 0.01
+    assert torch.allclose(one[one != 0], torch.tensor(1 / 0.7))
+
+
+def test_dropout_lets_nan_through_as_pytorch_does():
+    x = torch.full((4096,), float("nan"))
+    assert kernels.dropout(x, 0.5, 1).isnan().all()
+    assert kernels.dropout(x.bfloat16(), 0.5, 1).isnan().all()
+
+
+def test_dropout_layer_draws_its_seed_from_the_global_generator():
+    from fashion_cnn.build import Dropout
+
+    layer = Dropout(0.25).train()
+    x = torch.randn(6, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(5)
+    first = layer(x)
+    torch.manual_seed(5)
+    assert torch.equal(layer(x), first)  # a resumed generator state gives the same mask
+    torch.manual_seed(5)
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    assert torch.equal(first, kernels.dropout(x, 0.25, seed))
+
+
+def test_switching_kernels_off_reaches_the_dropout_layers():
+    from fashion_cnn.build import Dropout
+
+    model = build_model(get_model_spec("model2"), seed=0)
+    layers = [m for m in model.modules() if isinstance(m, Dropout)]
+    assert len(layers) == 2 and model.runs_fused_dropout
+    model.use_fused_kernels = False
+    assert not any(layer.use_kernel for layer in layers) and not model.runs_fused_dropout
+    x = torch.randn(2, 32, 13, 13)
+    assert not layers[0].runs_kernel(x)

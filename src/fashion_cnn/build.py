@@ -162,19 +162,31 @@ class Dropout(nn.Module):
     """Inverted dropout, as nn.Dropout (and Keras): zero each value with probability `rate` in
     training and scale the rest by 1/(1-rate); the identity in eval mode.
 
-    The keep-mask is drawn as 15-bit integers from 64-bit random words (four values per draw of
-    the generator) instead of a float per value: on CPU, torch.rand_like took a tenth of model3's
-    batch-32 step and bernoulli_ more; this is about 6x cheaper. The drop probability is `rate`
-    rounded to a multiple of 1/32768 (off by at most 1.5e-5).
+    On the CPU, for float32 and bfloat16, this runs kernels.dropout: one pass each way, the
+    mask a hash of a seed drawn from torch's generator, recomputed in the backward pass instead
+    of stored (drop probability `rate` rounded to a multiple of 1/65536). Elsewhere (no C
+    compiler, other dtypes or devices, inside torch.compile, use_kernel False) the keep-mask is
+    drawn as 15-bit integers from 64-bit random words (four values per draw of the generator)
+    instead of a float per value: on CPU, torch.rand_like took a tenth of model3's batch-32 step
+    and bernoulli_ more; this is about 6x cheaper. There the drop probability is `rate` rounded
+    to a multiple of 1/32768. Either way a checkpoint that saves the generator's state resumes
+    with the same masks.
     """
 
     def __init__(self, rate: float):
         super().__init__()
         self.rate = rate
+        self.use_kernel = True  # KerasSequential.use_fused_kernels sets this
+
+    def runs_kernel(self, x: torch.Tensor) -> bool:
+        return (self.use_kernel and x.device.type == "cpu" and x.dtype in kernels.DROPOUT_DTYPES
+                and not torch.compiler.is_compiling() and kernels.available())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.rate == 0.0:
             return x
+        if self.runs_kernel(x):
+            return kernels.dropout(x, self.rate)
         keep = uniform_15bit_like(x) >= round(self.rate * 32768)
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.rate))
 
@@ -303,6 +315,26 @@ class KerasSequential(nn.Module):
                         and isinstance(self.layers[i + 1][1], nn.ReLU)
                         and kernels.eligible(self.layers[i], self.layers[i + 1][0])]
         self.use_fused_kernels = True  # False: run every layer through PyTorch
+
+    @property
+    def use_fused_kernels(self) -> bool:
+        """Whether forward() may use the C kernels (the fused first block, dropout); False runs
+        every layer through PyTorch."""
+        return self._use_fused_kernels
+
+    @use_fused_kernels.setter
+    def use_fused_kernels(self, value: bool) -> None:
+        self._use_fused_kernels = bool(value)
+        for module in self.modules():
+            if isinstance(module, Dropout):
+                module.use_kernel = self._use_fused_kernels
+
+    @property
+    def runs_fused_dropout(self) -> bool:
+        """Whether the model's Dropout layers run kernels.dropout (for float32 and bfloat16 CPU
+        inputs)."""
+        return (self.use_fused_kernels and kernels.available()
+                and any(isinstance(m, Dropout) for m in self.modules()))
 
     @property
     def runs_fused_block(self) -> bool:

@@ -177,10 +177,12 @@ def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) 
         "eval_seconds": eval_seconds,
         "peak_rss_mib": peak_rss_mib(),
         "precision": cfg.train.precision, "threads": torch.get_num_threads(),
-        # whether the training steps ran the first block through the fused kernel (speed, not
-        # results); a compiled model runs PyTorch's layers inside the compiled graph
+        # whether the training steps ran the first block and the dropout layers through the C
+        # kernels (speed, not results); a compiled model runs PyTorch's layers in its graph
         "fused_first_block": (getattr(trainer.model, "runs_fused_block", False)
                               and not cfg.train.compile),
+        "fused_dropout": (getattr(trainer.model, "runs_fused_dropout", False)
+                          and not cfg.train.compile),
     }
     if history:
         last = history[-1]

@@ -90,8 +90,8 @@ class Trainer:
         self.last_checkpoint = None           # newest checkpoint written or resumed from
         # test hook (fileio._fault_hook): pause at a batch boundary so a test can kill the process
         self._pause_hook = os.environ.get("FASHION_CNN_PAUSE_AT") == "batch"
-        if getattr(self.model, "fusable", None):
-            kernels.available()  # compile the fused first block now, not inside the first epoch
+        if getattr(self.model, "use_fused_kernels", False):
+            kernels.available()  # compile the C kernels now, not inside the first epoch
         self.forward = torch.compile(self.model) if t.compile else self.model
         self.compile_seconds = 0.0
         n = len(splits.x_train)

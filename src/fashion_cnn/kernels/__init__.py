@@ -1,18 +1,23 @@
-"""A fused kernel for the seed networks' first block: Conv2D(1 -> C) + ReLU + MaxPooling2D(2).
+"""C kernels for two places where PyTorch's CPU ops spend their time moving memory.
 
-As three library calls that block moves the full-resolution convolution output through memory
-several times per step while doing almost no arithmetic; `conv1_pool.c` computes each pooled
-value from its input window in registers instead (see the file for the layouts). It is
-compiled once per machine with the system's C compiler (`cc -O3 -march=native -fopenmp`, 0.2 s
-on the reference machine) into the cache directory, and called through ctypes, so it needs no
-build step at install time. Where there is no compiler, or the build fails, or
-FASHION_CNN_NO_KERNELS is set, `available()` is False and the model runs the same layers
-through PyTorch: the kernel changes speed, not results (forward values equal up to float rounding; ties in the max go to the first
-window position, as in max_pool2d).
+- `conv1_pool.c`: the seed networks' first block, Conv2D(1 -> C) + ReLU + MaxPooling2D(2). As
+  three library calls it moves the full-resolution convolution output through memory several
+  times per step while doing almost no arithmetic; the kernel computes each pooled value from
+  its input window in registers instead (see the file for the layouts).
+- `dropout.c`: inverted dropout in one pass each way, its mask recomputed from a seed in the
+  backward pass instead of stored (a fifth of a seed model2 step at batch 32 before).
+
+They are compiled once per machine with the system's C compiler (`cc -O3 -march=native
+-fopenmp`, under a second on the reference machine) into the cache directory, and called
+through ctypes, so they need no build step at install time. Where there is no compiler, or the
+build fails, or FASHION_CNN_NO_KERNELS is set, `available()` is False and the model runs the
+same layers through PyTorch: the kernels change speed, not results (forward values equal up to
+float rounding; ties in the max go to the first window position, as in max_pool2d; dropout
+draws its masks from the same generator, in a different way).
 
 >>> from fashion_cnn import kernels
 >>> kernels.available(), kernels.status()          # doctest: +SKIP
-(True, 'fused first block: compiled (~/.cache/fashion-cnn/kernels/conv1_pool-1a2b3c4d5e6f.so)')
+(True, 'C kernels: compiled (~/.cache/fashion-cnn/kernels/fashion_cnn_kernels-1a2b3c4d5e6f.so)')
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("conv1_pool.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("conv1_pool.c", "dropout.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 COMPILE_TIMEOUT_S = 120
 LANES = 16  # as in conv1_pool.c: the kernel takes the channels in blocks of 16
+DROPOUT_DTYPES = (torch.float32, torch.bfloat16)
 
 _library: ctypes.CDLL | None = None
 _status: str | None = None  # why the kernel is or is not in use, once decided
@@ -53,22 +59,23 @@ def _compiler() -> str | None:
 
 
 def _build(compiler: str) -> Path:
-    """Compile SOURCE into the cache (once per source, compiler and CPU); the library's path."""
+    """Compile SOURCES into one library in the cache (once per sources, compiler and CPU); its
+    path."""
     from ..data import cache_root
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS),
-                                    _cpu_signature()]).encode()).hexdigest()[:12]
-    target = cache_root() / "kernels" / f"conv1_pool-{key}.so"
+    key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES), version,
+                                    " ".join(FLAGS), _cpu_signature()]).encode()).hexdigest()[:12]
+    target = cache_root() / "kernels" / f"fashion_cnn_kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # compile beside the target, then rename: a concurrent process sees no half-written file
-    fd, tmp_name = tempfile.mkstemp(prefix=".conv1_pool-", suffix=".so", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=".fashion_cnn_kernels-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, "-o", tmp_name, str(SOURCE)],
+        result = subprocess.run([compiler, *FLAGS, "-o", tmp_name, *map(str, SOURCES)],
                                 capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if result.returncode != 0:
             first = (result.stderr.strip().splitlines() or ["(no message)"])[0]
@@ -85,39 +92,41 @@ def _load() -> ctypes.CDLL | None:
     if _status is not None:
         return _library
     if os.environ.get("FASHION_CNN_NO_KERNELS"):
-        _status = "fused first block: off (FASHION_CNN_NO_KERNELS is set)"
+        _status = "C kernels: off (FASHION_CNN_NO_KERNELS is set)"
         return None
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "aarch64"):
-        _status = f"fused first block: off (not built on {sys.platform}/{platform.machine()})"
+        _status = f"C kernels: off (not built on {sys.platform}/{platform.machine()})"
         return None
     compiler = _compiler()
     if compiler is None:
-        _status = "fused first block: off (no C compiler found; install gcc to enable it)"
+        _status = "C kernels: off (no C compiler found; install gcc to enable it)"
         return None
     try:
         path = _build(compiler)
         library = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        _status = f"fused first block: off ({exc})"
+        _status = f"C kernels: off ({exc})"
         return None
     i64, f32p, u8p = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
     library.conv1_pool_relu_forward.argtypes = [f32p, f32p, f32p, f32p, u8p,
                                                 i64, i64, i64, i64, i64, ctypes.c_int]
     library.conv1_pool_relu_backward.argtypes = [f32p, f32p, u8p, f32p, f32p,
                                                  i64, i64, i64, i64, i64, ctypes.c_int]
-    library.conv1_pool_relu_forward.restype = None
-    library.conv1_pool_relu_backward.restype = None
-    _library, _status = library, f"fused first block: compiled ({path})"
+    library.dropout.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, ctypes.c_int,
+                                ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
+    for name in ("conv1_pool_relu_forward", "conv1_pool_relu_backward", "dropout"):
+        getattr(library, name).restype = None
+    _library, _status = library, f"C kernels: compiled ({path})"
     return _library
 
 
 def available() -> bool:
-    """True when the fused kernel is compiled and loaded (compiling it on the first call)."""
+    """True when the kernels are compiled and loaded (compiling them on the first call)."""
     return _load() is not None
 
 
 def status() -> str:
-    """One line: whether the fused kernel is in use, and why not where it is not."""
+    """One line: whether the kernels are in use, and why not where they are not."""
     _load()
     return _status or ""
 
@@ -190,3 +199,50 @@ def conv1_pool_relu(x: torch.Tensor, weight: torch.Tensor,
     Call only when available() is True.
     """
     return _Conv1PoolReLU.apply(x, weight, bias)
+
+
+def _dropout_apply(x: torch.Tensor, seed: int, rate: float) -> torch.Tensor:
+    """x * keep / (1 - rate) for x contiguous in memory (any shape); see dropout.c."""
+    out = torch.empty_like(x)
+    _library.dropout(x.data_ptr(), out.data_ptr(), x.numel(), x.dtype == torch.bfloat16, seed,
+                     dropout_threshold(rate), 1.0 / (1.0 - rate), torch.get_num_threads())
+    return out
+
+
+def dropout_threshold(rate: float) -> int:
+    """An element is kept when its 16-bit lane is at least this: the drop probability is `rate`
+    rounded to a multiple of 1/65536."""
+    return min(65536, max(0, round(rate * 65536)))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout to run in: channels_last stays channels_last, anything else is made
+    contiguous (the mask follows memory order, so grad and input must share a layout)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class _Dropout(torch.autograd.Function):
+    """Inverted dropout whose backward pass recomputes the mask from the seed."""
+
+    @staticmethod
+    def forward(ctx, x, seed, rate):
+        ctx.seed, ctx.rate = seed, rate
+        ctx.memory_format = _memory_format(x)
+        return _dropout_apply(x.contiguous(memory_format=ctx.memory_format), seed, rate)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad = grad_out.contiguous(memory_format=ctx.memory_format)
+        return _dropout_apply(grad, ctx.seed, ctx.rate), None, None
+
+
+def dropout(x: torch.Tensor, rate: float, seed: int | None = None) -> torch.Tensor:
+    """Inverted dropout of x (float32 or bfloat16, on the CPU): each element zeroed with
+    probability `rate`, the rest scaled by 1/(1-rate). The mask is a function of `seed` and of
+    each element's position in memory; without a seed, one is drawn from torch's global
+    generator. Call only when available() is True."""
+    if seed is None:
+        seed = int(torch.empty((), dtype=torch.int64).random_())
+    return _Dropout.apply(x, seed & 0xFFFFFFFFFFFFFFFF, rate)
