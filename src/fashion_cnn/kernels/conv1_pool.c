@@ -54,14 +54,16 @@ static inline vfloat pick(vint mask, vfloat a, vfloat b)
     return (vfloat)(((vint)a & mask) | ((vint)b & ~mask));
 }
 
-void conv1_pool_relu_forward(const float *restrict x, const float *restrict weight,
-                             const float *restrict bias, float *restrict out,
-                             uint8_t *restrict winner, int64_t n, int64_t h, int64_t w,
-                             int64_t k, int64_t c, int threads)
+/* One image of the forward pass. Always inlined, so that where the caller passes a constant
+   k (3, the seed's kernels) the compiler unrolls the tap loops and keeps the taps in
+   registers. */
+static inline __attribute__((always_inline)) void
+forward_image(const float *restrict x, const float *restrict weight, const float *restrict bias,
+              float *restrict out, uint8_t *restrict winner, int64_t img, int64_t h, int64_t w,
+              int64_t k, int64_t c)
 {
     const int64_t ph = (h - k + 1) / 2, pw = (w - k + 1) / 2;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t img = 0; img < n; img++) {
+    {
         const float *xi = x + img * h * w;
         for (int64_t c0 = 0; c0 < c; c0 += LANES) {
             const vfloat shift = load(bias + c0);
@@ -106,6 +108,62 @@ void conv1_pool_relu_forward(const float *restrict x, const float *restrict weig
     }
 }
 
+void conv1_pool_relu_forward(const float *restrict x, const float *restrict weight,
+                             const float *restrict bias, float *restrict out,
+                             uint8_t *restrict winner, int64_t n, int64_t h, int64_t w,
+                             int64_t k, int64_t c, int threads)
+{
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t img = 0; img < n; img++) {
+        if (k == 3)
+            forward_image(x, weight, bias, out, winner, img, h, w, 3, c);
+        else
+            forward_image(x, weight, bias, out, winner, img, h, w, k, c);
+    }
+}
+
+/* One image's weight and bias gradients, written to acc ((k*k + 1) * c floats); inlined as
+   forward_image is. */
+static inline __attribute__((always_inline)) void
+backward_image(const float *restrict x, const float *restrict grad_out,
+               const uint8_t *restrict winner, float *restrict acc, int64_t img, int64_t h,
+               int64_t w, int64_t k, int64_t c)
+{
+    const int64_t ph = (h - k + 1) / 2, pw = (w - k + 1) / 2;
+    const int64_t taps = k * k;
+    const float *xi = x + img * h * w;
+    for (int64_t c0 = 0; c0 < c; c0 += LANES) {
+        /* this block of channels' tap gradients, in registers where k is a constant */
+        vfloat db = (vfloat){0}, dws[taps];
+        for (int64_t t = 0; t < taps; t++)
+            dws[t] = (vfloat){0};
+        for (int64_t i = 0; i < ph; i++) {
+            for (int64_t j = 0; j < pw; j++) {
+                const int64_t base = ((img * ph + i) * pw + j) * c + c0;
+                const vfloat grad = load(grad_out + base);
+                vint code;
+                for (int l = 0; l < LANES; l++)
+                    code[l] = winner[base + l];
+                /* the gradient routed to each window position */
+                const vfloat g0 = (vfloat)((vint)grad & (code == 0));
+                const vfloat g1 = (vfloat)((vint)grad & (code == 1));
+                const vfloat g2 = (vfloat)((vint)grad & (code == 2));
+                const vfloat g3 = (vfloat)((vint)grad & (code == 3));
+                db += (g0 + g1) + (g2 + g3);
+                for (int64_t a = 0; a < k; a++) {
+                    const float *xr = xi + (2 * i + a) * w + 2 * j;
+                    for (int64_t b = 0; b < k; b++)
+                        dws[a * k + b] += xr[b] * g0 + xr[b + 1] * g1
+                                          + (xr[b + w] * g2 + xr[b + w + 1] * g3);
+                }
+            }
+        }
+        for (int64_t t = 0; t < taps; t++)
+            store(acc + t * c + c0, dws[t]);
+        store(acc + taps * c + c0, db);
+    }
+}
+
 /* grad_weight (k*k, c) and grad_bias (c) are overwritten. grad_out is laid out as `out`.
    Deterministic: each thread sums its own images (a fixed share under the static schedule) in
    its own slot, and the slots are added in thread order at the end. */
@@ -114,7 +172,6 @@ void conv1_pool_relu_backward(const float *restrict x, const float *restrict gra
                               float *restrict grad_bias, int64_t n, int64_t h, int64_t w,
                               int64_t k, int64_t c, int threads)
 {
-    const int64_t ph = (h - k + 1) / 2, pw = (w - k + 1) / 2;
     const int64_t taps = k * k;
     const int64_t size = (taps + 1) * c;  /* the weight taps, then the bias */
     if (threads < 1)
@@ -128,37 +185,10 @@ void conv1_pool_relu_backward(const float *restrict x, const float *restrict gra
         float *acc = malloc(sizeof(float) * (size_t)size);
         #pragma omp for schedule(static)
         for (int64_t img = 0; img < n; img++) {
-            const float *xi = x + img * h * w;
-            memset(acc, 0, sizeof(float) * (size_t)size);
-            for (int64_t c0 = 0; c0 < c; c0 += LANES) {
-                vfloat db = (vfloat){0};
-                for (int64_t i = 0; i < ph; i++) {
-                    for (int64_t j = 0; j < pw; j++) {
-                        const int64_t base = ((img * ph + i) * pw + j) * c + c0;
-                        const vfloat grad = load(grad_out + base);
-                        vint code;
-                        for (int l = 0; l < LANES; l++)
-                            code[l] = winner[base + l];
-                        /* the gradient routed to each window position */
-                        const vfloat g0 = (vfloat)((vint)grad & (code == 0));
-                        const vfloat g1 = (vfloat)((vint)grad & (code == 1));
-                        const vfloat g2 = (vfloat)((vint)grad & (code == 2));
-                        const vfloat g3 = (vfloat)((vint)grad & (code == 3));
-                        db += (g0 + g1) + (g2 + g3);
-                        for (int64_t a = 0; a < k; a++) {
-                            const float *xr = xi + (2 * i + a) * w + 2 * j;
-                            float *dr = acc + a * k * c + c0;
-                            for (int64_t b = 0; b < k; b++) {
-                                vfloat dw = load(dr + b * c);
-                                dw += xr[b] * g0 + xr[b + 1] * g1
-                                      + (xr[b + w] * g2 + xr[b + w + 1] * g3);
-                                store(dr + b * c, dw);
-                            }
-                        }
-                    }
-                }
-                store(acc + taps * c + c0, db);
-            }
+            if (k == 3)
+                backward_image(x, grad_out, winner, acc, img, h, w, 3, c);
+            else
+                backward_image(x, grad_out, winner, acc, img, h, w, k, c);
             for (int64_t t = 0; t < size; t++)
                 mine[t] += acc[t];
         }
