@@ -98,6 +98,29 @@ def test_nan_weights_give_nan_outputs_not_zeros():
     assert out[:, 3].isnan().all() and not out[:, :3].isnan().any()
 
 
+def test_under_bf16_autocast_the_block_returns_bfloat16_rounded_once():
+    # the next layer would cast the output to bfloat16: the kernel writes it so, from the same
+    # float32 values, rounded to nearest-even as PyTorch rounds
+    x = images(7, 28, 28)
+    g = torch.Generator().manual_seed(2)
+    weight = (torch.randn(32, 1, 3, 3, generator=g) * 0.3).requires_grad_()
+    bias = (torch.randn(32, generator=g) * 0.1).requires_grad_()
+    weight.data[5] = float("nan")  # a NaN channel stays NaN after rounding
+    full = kernels.conv1_pool_relu(x, weight, bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = kernels.conv1_pool_relu(x, weight, bias)
+    assert half.dtype == torch.bfloat16 and half.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(half, full.to(torch.bfloat16), rtol=0, atol=0, equal_nan=True)
+    assert half[:, 5].isnan().all() and not half[:, :5].isnan().any()
+    # gradients: those of the float32 block for the same (bfloat16) upstream gradient
+    upstream = torch.randn(full.shape, generator=g).to(torch.bfloat16)
+    got = torch.autograd.grad(half, [weight, bias], upstream)
+    want = torch.autograd.grad(full, [weight, bias], upstream.float())
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("name", ["model1", "model2", "model3", "model4"])
 def test_seed_models_use_the_kernel_and_agree_with_pytorch(name):
     spec = get_model_spec(name)

@@ -108,9 +108,10 @@ def _load() -> ctypes.CDLL | None:
         _status = f"C kernels: off ({exc})"
         return None
     i64, f32p, u8p = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
-    library.conv1_pool_relu_forward.argtypes = [f32p, f32p, f32p, f32p, u8p,
+    flag = ctypes.c_int  # 1: out / grad_out are bfloat16
+    library.conv1_pool_relu_forward.argtypes = [f32p, f32p, f32p, f32p, flag, u8p,
                                                 i64, i64, i64, i64, i64, ctypes.c_int]
-    library.conv1_pool_relu_backward.argtypes = [f32p, f32p, u8p, f32p, f32p,
+    library.conv1_pool_relu_backward.argtypes = [f32p, f32p, flag, u8p, f32p, f32p,
                                                  i64, i64, i64, i64, i64, ctypes.c_int]
     library.dropout.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, ctypes.c_int,
                                 ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
@@ -154,10 +155,11 @@ def eligible(conv: torch.nn.Conv2d, pool: torch.nn.Module) -> bool:
 
 
 class _Conv1PoolReLU(torch.autograd.Function):
-    """relu(max_pool2d(conv2d(x, weight, bias), 2)) for x (N, 1, H, W) that needs no gradient."""
+    """relu(max_pool2d(conv2d(x, weight, bias), 2)) for x (N, 1, H, W) that needs no gradient,
+    computed in float32 and returned as `dtype` (float32 or bfloat16)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, dtype):
         n, _, h, w = x.shape
         channels, k = weight.shape[0], weight.shape[-1]
         images = x.reshape(n, h, w).float().contiguous()
@@ -165,40 +167,46 @@ class _Conv1PoolReLU(torch.autograd.Function):
         shift = (bias.detach().float().contiguous() if bias is not None
                  else torch.zeros(channels))
         ph, pw = (h - k + 1) // 2, (w - k + 1) // 2
-        out = torch.empty((n, ph, pw, channels))  # channels_last storage of (N, C, ph, pw)
+        out = torch.empty((n, ph, pw, channels), dtype=dtype)  # channels_last (N, C, ph, pw)
         need_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         winner = torch.empty((n, ph, pw, channels), dtype=torch.uint8) if need_grad else None
         _library.conv1_pool_relu_forward(images.data_ptr(), taps.data_ptr(), shift.data_ptr(),
-                                         out.data_ptr(), winner.data_ptr() if need_grad else None,
+                                         out.data_ptr(), dtype == torch.bfloat16,
+                                         winner.data_ptr() if need_grad else None,
                                          n, h, w, k, channels, torch.get_num_threads())
         if need_grad:
             ctx.save_for_backward(images, winner)
         ctx.shape = (n, h, w, k, channels)
         ctx.has_bias = bias is not None
+        ctx.dtype = dtype
         return out.permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, grad_out):
         images, winner = ctx.saved_tensors
         n, h, w, k, channels = ctx.shape
-        grad = grad_out.float().permute(0, 2, 3, 1).contiguous()  # (N, ph, pw, C)
+        grad = grad_out.to(ctx.dtype).permute(0, 2, 3, 1).contiguous()  # (N, ph, pw, C)
         grad_taps = torch.empty((k * k, channels))
         grad_bias = torch.empty(channels)
-        _library.conv1_pool_relu_backward(images.data_ptr(), grad.data_ptr(), winner.data_ptr(),
+        _library.conv1_pool_relu_backward(images.data_ptr(), grad.data_ptr(),
+                                          ctx.dtype == torch.bfloat16, winner.data_ptr(),
                                           grad_taps.data_ptr(), grad_bias.data_ptr(),
                                           n, h, w, k, channels, torch.get_num_threads())
         grad_weight = grad_taps.t().reshape(channels, 1, k, k)
-        return None, grad_weight, grad_bias if ctx.has_bias else None
+        return None, grad_weight, grad_bias if ctx.has_bias else None, None
 
 
 def conv1_pool_relu(x: torch.Tensor, weight: torch.Tensor,
                     bias: torch.Tensor | None) -> torch.Tensor:
-    """relu(max_pool2d(conv2d(x, weight, bias), 2)), float32, channels_last (N, C, ph, pw).
+    """relu(max_pool2d(conv2d(x, weight, bias), 2)), channels_last (N, C, ph, pw).
 
     x: (N, 1, H, W) on the CPU, not requiring a gradient; weight (C, 1, k, k); bias (C) or None.
-    Call only when available() is True.
+    Computed in float32; the result is float32, or bfloat16 under bfloat16 CPU autocast (what
+    the next layer would cast it to). Call only when available() is True.
     """
-    return _Conv1PoolReLU.apply(x, weight, bias)
+    bf16 = (torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return _Conv1PoolReLU.apply(x, weight, bias, torch.bfloat16 if bf16 else torch.float32)
 
 
 def _dropout_apply(x: torch.Tensor, seed: int, rate: float) -> torch.Tensor:

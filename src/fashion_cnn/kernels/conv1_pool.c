@@ -14,7 +14,11 @@
  *   x      (n, h, w)          input images, float32
  *   weight (k*k, c)           tap-major: weight[(a*k + b)*c + ch] is tap (a, b) of channel ch
  *   bias   (c)
- *   out    (n, ph, pw, c)     = channels_last storage of an (n, c, ph, pw) tensor
+ *   out    (n, ph, pw, c)     = channels_last storage of an (n, c, ph, pw) tensor, float32,
+ *                             or bfloat16 (as uint16, rounded to nearest-even) where bf16 is 1:
+ *                             under bf16 autocast the next layer reads bfloat16, and writing it
+ *                             here saves a cast that reads and writes the whole output again
+ *                             (grad_out, in the backward pass, has the same dtype as out)
  *   winner (n, ph, pw, c)     uint8: 2*dy + dx of the window position that won the max
  *                             (first in row-major order on ties, as max_pool2d), 255 where the
  *                             ReLU zeroed the value; may be NULL (inference)
@@ -38,6 +42,8 @@
 
 typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(LANES * sizeof(int32_t))));
+typedef uint32_t vuint __attribute__((vector_size(LANES * sizeof(uint32_t))));
+typedef uint16_t vhalf __attribute__((vector_size(LANES * sizeof(uint16_t))));
 
 static inline vfloat load(const float *p)
 {
@@ -47,6 +53,24 @@ static inline vfloat load(const float *p)
 }
 
 static inline void store(float *p, vfloat v) { memcpy(p, &v, sizeof v); }
+
+/* float32 -> bfloat16, rounded to nearest-even as PyTorch rounds; a NaN stays a (quiet) NaN */
+static inline void store_bf16(uint16_t *p, vfloat v)
+{
+    const vuint bits = (vuint)v;
+    const vuint nan = (vuint)(v != v);
+    const vuint rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const vuint quiet = (bits >> 16) | 0x40u;
+    const vhalf half = __builtin_convertvector((rounded & ~nan) | (quiet & nan), vhalf);
+    memcpy(p, &half, sizeof half);
+}
+
+static inline vfloat load_bf16(const uint16_t *p)
+{
+    vhalf half;
+    memcpy(&half, p, sizeof half);
+    return (vfloat)(__builtin_convertvector(half, vuint) << 16);
+}
 
 /* where mask (all ones or all zeros per lane): a, else b */
 static inline vfloat pick(vint mask, vfloat a, vfloat b)
@@ -59,8 +83,8 @@ static inline vfloat pick(vint mask, vfloat a, vfloat b)
    registers. */
 static inline __attribute__((always_inline)) void
 forward_image(const float *restrict x, const float *restrict weight, const float *restrict bias,
-              float *restrict out, uint8_t *restrict winner, int64_t img, int64_t h, int64_t w,
-              int64_t k, int64_t c)
+              void *restrict out, int bf16, uint8_t *restrict winner, int64_t img, int64_t h,
+              int64_t w, int64_t k, int64_t c)
 {
     const int64_t ph = (h - k + 1) / 2, pw = (w - k + 1) / 2;
     {
@@ -96,7 +120,11 @@ forward_image(const float *restrict x, const float *restrict weight, const float
                     const vint active = best > 0.0f;
                     const int64_t base = ((img * ph + i) * pw + j) * c + c0;
                     /* ReLU; a NaN passes through it, as torch.relu lets it */
-                    store(out + base, (vfloat)((vint)best & (active | (best != best))));
+                    const vfloat result = (vfloat)((vint)best & (active | (best != best)));
+                    if (bf16)
+                        store_bf16((uint16_t *)out + base, result);
+                    else
+                        store((float *)out + base, result);
                     if (winner) {
                         const vint code = (arg & active) | (NO_WINNER & ~active);
                         for (int l = 0; l < LANES; l++)
@@ -109,23 +137,23 @@ forward_image(const float *restrict x, const float *restrict weight, const float
 }
 
 void conv1_pool_relu_forward(const float *restrict x, const float *restrict weight,
-                             const float *restrict bias, float *restrict out,
+                             const float *restrict bias, void *restrict out, int bf16,
                              uint8_t *restrict winner, int64_t n, int64_t h, int64_t w,
                              int64_t k, int64_t c, int threads)
 {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t img = 0; img < n; img++) {
         if (k == 3)
-            forward_image(x, weight, bias, out, winner, img, h, w, 3, c);
+            forward_image(x, weight, bias, out, bf16, winner, img, h, w, 3, c);
         else
-            forward_image(x, weight, bias, out, winner, img, h, w, k, c);
+            forward_image(x, weight, bias, out, bf16, winner, img, h, w, k, c);
     }
 }
 
 /* One image's weight and bias gradients, written to acc ((k*k + 1) * c floats); inlined as
    forward_image is. */
 static inline __attribute__((always_inline)) void
-backward_image(const float *restrict x, const float *restrict grad_out,
+backward_image(const float *restrict x, const void *restrict grad_out, int bf16,
                const uint8_t *restrict winner, float *restrict acc, int64_t img, int64_t h,
                int64_t w, int64_t k, int64_t c)
 {
@@ -140,7 +168,8 @@ backward_image(const float *restrict x, const float *restrict grad_out,
         for (int64_t i = 0; i < ph; i++) {
             for (int64_t j = 0; j < pw; j++) {
                 const int64_t base = ((img * ph + i) * pw + j) * c + c0;
-                const vfloat grad = load(grad_out + base);
+                const vfloat grad = bf16 ? load_bf16((const uint16_t *)grad_out + base)
+                                         : load((const float *)grad_out + base);
                 vint code;
                 for (int l = 0; l < LANES; l++)
                     code[l] = winner[base + l];
@@ -167,7 +196,7 @@ backward_image(const float *restrict x, const float *restrict grad_out,
 /* grad_weight (k*k, c) and grad_bias (c) are overwritten. grad_out is laid out as `out`.
    Deterministic: each thread sums its own images (a fixed share under the static schedule) in
    its own slot, and the slots are added in thread order at the end. */
-void conv1_pool_relu_backward(const float *restrict x, const float *restrict grad_out,
+void conv1_pool_relu_backward(const float *restrict x, const void *restrict grad_out, int bf16,
                               const uint8_t *restrict winner, float *restrict grad_weight,
                               float *restrict grad_bias, int64_t n, int64_t h, int64_t w,
                               int64_t k, int64_t c, int threads)
@@ -186,9 +215,9 @@ void conv1_pool_relu_backward(const float *restrict x, const float *restrict gra
         #pragma omp for schedule(static)
         for (int64_t img = 0; img < n; img++) {
             if (k == 3)
-                backward_image(x, grad_out, winner, acc, img, h, w, 3, c);
+                backward_image(x, grad_out, bf16, winner, acc, img, h, w, 3, c);
             else
-                backward_image(x, grad_out, winner, acc, img, h, w, k, c);
+                backward_image(x, grad_out, bf16, winner, acc, img, h, w, k, c);
             for (int64_t t = 0; t < size; t++)
                 mine[t] += acc[t];
         }
