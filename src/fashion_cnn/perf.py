@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 
 import torch
@@ -35,6 +36,22 @@ def keep_freed_memory() -> bool:
         return bool(ok_mmap and ok_trim)
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
         return False
+
+
+def return_freed_memory() -> bool:
+    """Give the heap memory that is free now back to the system (glibc's malloc_trim), after a
+    garbage collection; True if applied. keep_freed_memory() makes the allocator hold on to
+    freed blocks, which is what a training loop wants; between two runs in one process (a
+    study) it would carry one run's buffers over as the next run's resident memory."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if not name or os.environ.get("FASHION_CNN_NO_MALLOPT"):
+        return False
+    try:
+        ctypes.CDLL(name).malloc_trim(0)  # 1 if it released memory, 0 if there was none
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return True
 
 
 def configure_runtime(threads: int = 0) -> None:

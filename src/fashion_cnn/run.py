@@ -30,7 +30,7 @@ from .checkpoint import (checkpoint_weights, load_checkpoint, load_weights, newe
 from .config import RunConfig, apply_section, overrides_to_sections, to_toml, validate
 from .data import CLASS_NAMES, FashionMNIST, Splits, load_data, make_splits
 from .errors import CheckpointError, SpecError, TrainingStopped, UserError
-from .perf import configure_runtime
+from .perf import configure_runtime, return_freed_memory
 from .train import Trainer, evaluate
 from .zoo import load_config
 
@@ -147,9 +147,11 @@ def peak_rss_mib() -> float:
 
 
 def reset_peak_rss() -> None:
-    """Start the peak-memory count afresh (Linux: VmHWM is reset to the current resident size),
-    so that each run of a study, all in one process, reports its own peak and not the largest
-    of the runs before it. Elsewhere a no-op: the figure is then the process's peak."""
+    """Start the peak-memory count afresh (Linux: VmHWM is reset to the current resident size,
+    after freed heap memory is given back), so that each run of a study, all in one process,
+    reports its own peak and not the largest of the runs before it, nor the buffers they left
+    to the allocator. Elsewhere a no-op: the figure is then the process's peak."""
+    return_freed_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
