@@ -242,6 +242,11 @@ def test_dropout_keeps_one_minus_rate_uniformly_whatever_the_threads():
     assert torch.allclose(one[one != 0], torch.tensor(1 / 0.7))
 
 
+def test_dropout_refuses_dtypes_it_would_misread():
+    with pytest.raises(ValueError, match="float64"):
+        kernels.dropout(torch.ones(8, dtype=torch.float64), 0.5, 1)
+
+
 def test_dropout_lets_nan_through_as_pytorch_does():
     x = torch.full((4096,), float("nan"))
     assert kernels.dropout(x, 0.5, 1).isnan().all()

@@ -251,6 +251,9 @@ def dropout(x: torch.Tensor, rate: float, seed: int | None = None) -> torch.Tens
     probability `rate`, the rest scaled by 1/(1-rate). The mask is a function of `seed` and of
     each element's position in memory; without a seed, one is drawn from torch's global
     generator. Call only when available() is True."""
+    if x.device.type != "cpu" or x.dtype not in DROPOUT_DTYPES:
+        raise ValueError(f"kernels.dropout takes float32 or bfloat16 CPU tensors, not "
+                         f"{x.dtype} on {x.device}")
     if seed is None:
         seed = int(torch.empty((), dtype=torch.int64).random_())
     return _Dropout.apply(x, seed & 0xFFFFFFFFFFFFFFFF, rate)
