@@ -28,8 +28,8 @@ data:
 	@sh scripts/ensure-package.sh dataset-fashion-mnist \
 		"$(PY) -c 'from fashion_cnn.data import find_data_dir; find_data_dir()'"
 
-# A C compiler for the fused first block of the seed's networks (src/fashion_cnn/kernels); without
-# one those layers run through PyTorch alone, slower.
+# A C compiler for the C kernels (src/fashion_cnn/kernels: the seed networks' fused first block,
+# dropout); without one those layers run through PyTorch alone, slower.
 compiler:
 	@sh scripts/ensure-package.sh gcc "command -v cc || command -v gcc"
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import kernels
+from .perf import cpu_autocast_is_bf16
 from .spec import LayerSpec, ModelSpec, Regularizer
 
 _ACTIVATIONS = {
@@ -91,8 +92,7 @@ class KerasConv2d(nn.Conv2d):
         _SmallOutputConv): bf16 training of a plain convolution with at most
         SMALL_OUTPUT_POSITIONS output positions."""
         if not (torch.is_grad_enabled() and self.weight.requires_grad and x.device.type == "cpu"
-                and torch.is_autocast_enabled("cpu")
-                and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+                and cpu_autocast_is_bf16()):
             return False
         if (self.stride != (1, 1) or self.padding != (0, 0) or self.dilation != (1, 1)
                 or self.groups != 1 or x.dim() != 4):

@@ -22,19 +22,28 @@ _TRIM_THRESHOLD_BYTES = 2**31 - 1  # ~2 GiB kept before memory is given back
 _configured = False
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The C library, for the allocator calls below; None when FASHION_CNN_NO_MALLOPT is set or
+    there is none to load."""
+    if os.environ.get("FASHION_CNN_NO_MALLOPT"):
+        return None
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed activation buffers instead of unmapping them; True if applied."""
-    if os.environ.get("FASHION_CNN_NO_MALLOPT"):
-        return False
-    name = ctypes.util.find_library("c")
-    if not name:
+    libc = _glibc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(name)
         ok_mmap = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
         ok_trim = libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
         return bool(ok_mmap and ok_trim)
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+    except AttributeError:  # not glibc (musl, macOS): nothing to do
         return False
 
 
@@ -44,12 +53,12 @@ def return_freed_memory() -> bool:
     freed blocks, which is what a training loop wants; between two runs in one process (a
     study) it would carry one run's buffers over as the next run's resident memory."""
     gc.collect()
-    name = ctypes.util.find_library("c")
-    if not name or os.environ.get("FASHION_CNN_NO_MALLOPT"):
+    libc = _glibc()
+    if libc is None:
         return False
     try:
-        ctypes.CDLL(name).malloc_trim(0)  # 1 if it released memory, 0 if there was none
-    except (OSError, AttributeError):  # not glibc
+        libc.malloc_trim(0)  # 1 if it released memory, 0 if there was none
+    except AttributeError:  # not glibc
         return False
     return True
 
@@ -66,6 +75,11 @@ def configure_runtime(threads: int = 0) -> None:
         _configured = True
     if threads:
         torch.set_num_threads(threads)
+
+
+def cpu_autocast_is_bf16() -> bool:
+    """True inside torch.autocast("cpu", dtype=torch.bfloat16) (our --precision bf16)."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def bf16_supported() -> bool:

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from ..perf import cpu_autocast_is_bf16
+
 SOURCES = [Path(__file__).with_name(name) for name in ("conv1_pool.c", "dropout.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 COMPILE_TIMEOUT_S = 120
@@ -41,7 +43,7 @@ LANES = 16  # as in conv1_pool.c: the kernel takes the channels in blocks of 16
 DROPOUT_DTYPES = (torch.float32, torch.bfloat16)
 
 _library: ctypes.CDLL | None = None
-_status: str | None = None  # why the kernel is or is not in use, once decided
+_status: str | None = None  # why the kernels are or are not in use, once decided
 
 
 def _cpu_signature() -> str:
@@ -204,9 +206,8 @@ def conv1_pool_relu(x: torch.Tensor, weight: torch.Tensor,
     Computed in float32; the result is float32, or bfloat16 under bfloat16 CPU autocast (what
     the next layer would cast it to). Call only when available() is True.
     """
-    bf16 = (torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-    return _Conv1PoolReLU.apply(x, weight, bias, torch.bfloat16 if bf16 else torch.float32)
+    dtype = torch.bfloat16 if cpu_autocast_is_bf16() else torch.float32
+    return _Conv1PoolReLU.apply(x, weight, bias, dtype)
 
 
 def _dropout_apply(x: torch.Tensor, seed: int, rate: float) -> torch.Tensor:
