@@ -192,3 +192,21 @@ def test_small_output_conv_is_used_in_bf16_training_only(monkeypatch):
     through_onednn = conv3_grad(0)
     torch.testing.assert_close(conv3_grad(16), through_onednn, rtol=0.03,
                                atol=0.03 * through_onednn.abs().max().item())
+
+
+def test_small_dense_calls_stay_float32_under_bf16_autocast(monkeypatch):
+    import fashion_cnn.build as build
+    model = build_model(get_model_spec("model2"), seed=0)
+    dense = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [type(m) for m in dense] == [build.KerasDense] * 2
+    first = dense[0]  # 432 -> 48
+    x = torch.randn(32, 432)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        small = first(x)                # 32 * 432 * 48 = 663,552 multiply-adds
+        monkeypatch.setattr(build, "FLOAT32_DENSE_MACS", 32 * 432 * 48 - 1)
+        large = first(x)
+        from_bf16_input = dense[1](torch.randn(32, 48).bfloat16())
+    assert small.dtype == torch.float32 and large.dtype == torch.bfloat16
+    assert from_bf16_input.dtype == torch.float32  # a bf16 input is widened, not refused
+    torch.testing.assert_close(small, torch.nn.functional.linear(x, first.weight, first.bias))
+    assert first(x).dtype == torch.float32  # outside autocast: plain float32

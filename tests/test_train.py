@@ -272,3 +272,16 @@ def test_memory_the_allocator_kept_from_a_run_is_not_the_next_runs():
         "blocks = [torch.ones(16 * 1024 * 1024 // 4) for _ in range(16)]  # 256 MiB\n"
         "del blocks  # kept by the allocator: 16 MiB is below the mmap threshold now")
     assert after < kept - 128
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_training_runs_a_model_with_dropout(real_data, tmp_path, precision):
+    # model2: dropout and a small-output convolution, whose eager paths (the C kernel, the
+    # int16 mask lanes, the custom weight gradient) torch.compile must not see
+    result = run.train("model2", tmp_path / "r", data=real_data, progress=False, plots=False,
+                       subset=256, epochs=1, batch_size=64, compile=True, precision=precision)
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["compile_seconds"] > 0
+    assert metrics["fused_dropout"] is False and metrics["fused_first_block"] is False
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert torch.isfinite(torch.tensor(result.history[-1]["loss"]))

@@ -92,7 +92,7 @@ class KerasConv2d(nn.Conv2d):
         _SmallOutputConv): bf16 training of a plain convolution with at most
         SMALL_OUTPUT_POSITIONS output positions."""
         if not (torch.is_grad_enabled() and self.weight.requires_grad and x.device.type == "cpu"
-                and cpu_autocast_is_bf16()):
+                and cpu_autocast_is_bf16() and not torch.compiler.is_compiling()):
             return False
         if (self.stride != (1, 1) or self.padding != (0, 0) or self.dilation != (1, 1)
                 or self.groups != 1 or x.dim() != 4):
@@ -148,6 +148,35 @@ class _SmallOutputConv(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
+class KerasDense(nn.Linear):
+    """Dense: nn.Linear whose small calls stay in float32 under bf16 autocast.
+
+    A bf16 matrix product goes through oneDNN, whose per-call set-up dominates for the small
+    dense layers of the seed's models: forward and backward of model2's 432 -> 48 layer at
+    batch 32 took 440 us in bf16 against 261 us in float32, its 48 -> 10 layer 272 against
+    109 us; at 128 x 576 -> 64 both took 620 us (benchmarks/RESULTS.md). So a call with at most
+    FLOAT32_DENSE_MACS multiply-adds computes in float32 (more exact, and faster), and returns
+    float32, which the next bf16 operation casts as autocast would.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._small_call_in_bf16(x):
+            with torch.autocast("cpu", enabled=False):
+                return F.linear(x.float(), self.weight, self.bias)
+        return super().forward(x)
+
+    def _small_call_in_bf16(self, x: torch.Tensor) -> bool:
+        if x.device.type != "cpu" or not cpu_autocast_is_bf16():
+            return False
+        rows = x.numel() // self.in_features
+        return rows * self.in_features * self.out_features <= FLOAT32_DENSE_MACS
+
+
+# Multiply-adds per call up to which KerasDense stays in float32 under bf16 autocast: below
+# the 4.7 million of model1's 576 -> 64 layer at batch 128, where the two took the same time.
+FLOAT32_DENSE_MACS = 4_000_000
+
+
 class Residual(nn.Module):
     def __init__(self, body: nn.Sequential, shortcut: nn.Module, activation: nn.Module | None):
         super().__init__()
@@ -169,7 +198,7 @@ class Dropout(nn.Module):
     drawn as 15-bit integers from 64-bit random words (four values per draw of the generator)
     instead of a float per value: on CPU, torch.rand_like took a tenth of model3's batch-32 step
     and bernoulli_ more; this is about 6x cheaper. There the drop probability is `rate` rounded
-    to a multiple of 1/32768. Either way a checkpoint that saves the generator's state resumes
+    to a multiple of 1/32768. Inside torch.compile the mask is torch.rand_like's. Either way a checkpoint that saves the generator's state resumes
     with the same masks.
     """
 
@@ -187,6 +216,11 @@ class Dropout(nn.Module):
             return x
         if self.runs_kernel(x):
             return kernels.dropout(x, self.rate)
+        if torch.compiler.is_compiling():
+            # inductor draws and applies the mask in one generated loop; the int16 view of
+            # int64 words below breaks its alias tracking (torch 2.13)
+            keep = torch.rand_like(x) >= self.rate
+            return x * keep.to(x.dtype) * (1.0 / (1.0 - self.rate))
         keep = uniform_15bit_like(x) >= round(self.rate * 32768)
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.rate))
 
@@ -228,7 +262,7 @@ def _layer(spec: LayerSpec, regularized: list) -> nn.Module:
         if module.bias is not None:
             _init(module.bias, a["bias_initializer"], kh * kw * cin, kh * kw * cout)
     elif t == "Dense":
-        module = nn.Linear(in_shape[0], a["units"], bias=a["use_bias"])
+        module = KerasDense(in_shape[0], a["units"], bias=a["use_bias"])
         _init(module.weight, a["kernel_initializer"], in_shape[0], a["units"])
         if module.bias is not None:
             _init(module.bias, a["bias_initializer"], in_shape[0], a["units"])
