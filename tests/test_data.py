@@ -128,6 +128,23 @@ def test_scaling_and_padding_as_the_seed():
     assert torch.equal(padded[0, 0, 4:-4, 4:-4], x[0, 0])
 
 
+def test_training_images_kept_in_bfloat16_only_where_exact():
+    # every byte value 0..255, scaled and padded, survives bfloat16 storage unchanged
+    images = (np.arange(28 * 28 * 2) % 256).astype(np.uint8).reshape(2, 28, 28)
+    data = fdata.FashionMNIST(np.tile(images, (5, 1, 1)), np.zeros(10, np.uint8),
+                              images, np.zeros(2, np.uint8), source=None)
+    splits = fdata.make_splits(data, val_fraction=0.2, pad=4, pad_value=-0.5)
+    assert splits.x_train.dtype == torch.bfloat16 and splits.x_test.dtype == torch.float32
+    batch = splits.train_batch(torch.tensor([0, 1]))
+    assert batch.dtype == torch.float32 and batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, fdata.to_tensor(images, pad=4, pad_value=-0.5))
+    assert torch.equal(splits.train_batch(slice(0, 2)), batch)
+    # a padding value bfloat16 would round: float32 storage instead
+    odd = fdata.make_splits(data, val_fraction=0.2, pad=4, pad_value=0.1)
+    assert odd.x_train.dtype == torch.float32
+    assert odd.train_batch(slice(0, 1))[0, 0, 0, 0].item() == torch.tensor(0.1).item()
+
+
 def test_subset_keeps_first_images_then_splits():
     data = fdata.FashionMNIST(np.zeros((100, 28, 28), np.uint8), (np.arange(100) % 10).astype(np.uint8),
                               np.zeros((5, 28, 28), np.uint8), np.zeros(5, np.uint8), source=None)

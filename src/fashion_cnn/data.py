@@ -228,15 +228,17 @@ def download(dest: str | os.PathLike | None = None, mirror: str = MIRROR) -> Pat
 
 # ----------------------------------------------------------------------------- tensors
 
-def to_tensor(images: np.ndarray, pad: int = 0, pad_value: float = -0.5) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float32 (N, 1, 28+2*pad, 28+2*pad), scaled as the seed: x/128 - 0.5.
+def to_tensor(images: np.ndarray, pad: int = 0, pad_value: float = -0.5,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> (N, 1, 28+2*pad, 28+2*pad) of `dtype`, scaled as the seed:
+    x/128 - 0.5.
 
     Padding is added after scaling, with `pad_value` (the seed pads with -0.5, the background).
     """
     n, height, width = images.shape
     # Written straight into the padded tensor: no unpadded float32 copy beside it (150 MB,
     # briefly, for the 48,000 training images padded to 36x36).
-    x = torch.full((n, 1, height + 2 * pad, width + 2 * pad), pad_value, dtype=torch.float32)
+    x = torch.full((n, 1, height + 2 * pad, width + 2 * pad), pad_value, dtype=dtype)
     inner = x[:, 0, pad:pad + height, pad:pad + width]  # a view (N, H, W)
     inner.copy_(torch.from_numpy(np.ascontiguousarray(images))).div_(128.0).sub_(0.5)
     return x
@@ -255,9 +257,22 @@ def validation_split(n: int, fraction: float) -> tuple[slice, slice]:
     return slice(0, split_at), slice(split_at, n)
 
 
+def storage_dtype(pad_value: float) -> torch.dtype:
+    """The dtype the training images are kept in: bfloat16 where it holds every value exactly,
+    else float32. x/128 - 0.5 = (x - 64)/128 needs 8 significant bits for x in 0..255, which is
+    bfloat16's precision; so only the padding value decides. Half the memory of float32: the
+    48,000 training images padded to 36x36 take 124 MB instead of 249 MB."""
+    exact = torch.tensor(pad_value, dtype=torch.bfloat16).item() == pad_value
+    return torch.bfloat16 if exact else torch.float32
+
+
 @dataclass
 class Splits:
-    """Model-ready tensors: x float32 (N, 1, H, W) in channels_last memory, y int64 (N,)."""
+    """Model-ready tensors: x (N, 1, H, W) in channels_last memory, y int64 (N,).
+
+    x_val and x_test are float32; x_train is kept in `storage_dtype(pad_value)` (bfloat16 when
+    that is exact): take batches of it with `train_batch`, which returns float32.
+    """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -265,6 +280,11 @@ class Splits:
     y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+
+    def train_batch(self, index) -> torch.Tensor:
+        """Training images `index` (a slice or an index tensor) as float32, channels_last."""
+        return self.x_train[index].to(torch.float32).contiguous(
+            memory_format=torch.channels_last)
 
 
 def make_splits(data: FashionMNIST, *, subset: int | None = None, val_fraction: float = 0.2,
@@ -277,11 +297,11 @@ def make_splits(data: FashionMNIST, *, subset: int | None = None, val_fraction: 
         train_images, train_labels = train_images[:subset], train_labels[:subset]
     fit, val = validation_split(len(train_images), val_fraction)
 
-    def tensors(images, labels):
-        x = to_tensor(images, pad, pad_value).contiguous(memory_format=torch.channels_last)
+    def tensors(images, labels, dtype=torch.float32):
+        x = to_tensor(images, pad, pad_value, dtype).contiguous(memory_format=torch.channels_last)
         return x, torch.from_numpy(labels.astype(np.int64))
 
-    x_train, y_train = tensors(train_images[fit], train_labels[fit])
+    x_train, y_train = tensors(train_images[fit], train_labels[fit], storage_dtype(pad_value))
     x_val, y_val = tensors(train_images[val], train_labels[val])
     x_test, y_test = tensors(data.test_images, data.test_labels)
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test)

@@ -734,7 +734,7 @@ def write_run_plots(run_dir: str | os.PathLike, *, model, config: RunConfig, spl
     }
     if config.augment.enabled and len(splits.x_train):
         figures["augment_preview.png"] = lambda: figure_augmentation(
-            splits.x_train[:8], config.augment, seed=config.train.seed, name=name,
+            splits.train_batch(slice(0, 8)), config.augment, seed=config.train.seed, name=name,
             labels=splits.y_train[:8])
     for filename, make in figures.items():
         save_figure(make(), out_dir / filename, dpi)

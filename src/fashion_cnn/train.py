@@ -122,17 +122,14 @@ class Trainer:
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self._next_indices()
-        x = self.splits.x_train[idx]  # (B, 1, H, W)
+        x = self.splits.train_batch(idx)  # (B, 1, H, W) float32
         if self.config.augment.enabled:
             x = augment_batch(x, self.config.augment, self.augment_gen)
-        else:
-            x = x.contiguous(memory_format=torch.channels_last)
         return x, self.splits.y_train[idx]
 
     def _compile_warmup(self) -> None:
         """Trigger torch.compile's compilation outside the timed epochs, RNG untouched."""
-        x = self.splits.x_train[:self.config.train.batch_size].contiguous(
-            memory_format=torch.channels_last)
+        x = self.splits.train_batch(slice(0, self.config.train.batch_size))
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]), autocast(self.config.train.precision):
             self.forward(x).float().sum().backward()
