@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from fashion_cnn.config import TrainConfig
@@ -66,3 +67,52 @@ def test_keras_adam_is_independent_of_memory_layout():
             opt_a.load_state_dict(saved)
     assert torch.equal(a.detach(), b.detach())
     assert a.detach().is_contiguous(memory_format=torch.channels_last)
+
+
+def _adam_run(use_kernel: bool, threads: int = 2, steps: int = 6):
+    """Six steps of KerasAdam on tensors of several layouts and sizes (130,000 values: the two
+    threads split the third tensor between them)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(32, 1, 3, 3), (32,), (64, 32, 3, 3), (48, 2400), (10,)]
+    params = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+    params[2] = torch.nn.Parameter(params[2].detach().contiguous(memory_format=torch.channels_last))
+    opt = KerasAdam(params, lr=1e-2, weight_decay=0.05)
+    opt.use_kernel = use_kernel
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)  # contiguous, beside channels_last
+            opt.step()
+    finally:
+        torch.set_num_threads(previous)
+    return params, opt
+
+
+def test_adam_kernel_equals_torch_fused_update():
+    from fashion_cnn import kernels
+    if not kernels.available():
+        pytest.skip(kernels.status())
+    mine, opt = _adam_run(use_kernel=True)
+    assert opt.runs_kernel(mine)
+    theirs, torch_opt = _adam_run(use_kernel=False)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-6)
+        for moment in ("m", "v"):
+            torch.testing.assert_close(opt.state[a][moment], torch_opt.state[b][moment],
+                                       rtol=1e-5, atol=0)
+    assert mine[2].is_contiguous(memory_format=torch.channels_last)
+    # the split between threads changes nothing
+    one_thread, _ = _adam_run(use_kernel=True, threads=1)
+    assert all(torch.equal(a, b) for a, b in zip(mine, one_thread))
+
+
+def test_adam_kernel_leaves_other_dtypes_to_torch():
+    from fashion_cnn import kernels
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = KerasAdam([w], lr=0.1)
+    assert not opt.runs_kernel([w]) and not kernels.adam_eligible(w)
+    w.grad = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    opt.step()
+    assert w.dtype == torch.float64 and w.detach().tolist() != [1.0, -2.0]

@@ -158,6 +158,12 @@ def reset_peak_rss() -> None:
         pass
 
 
+def _runs_adam_kernel(optimizer) -> bool:
+    """Whether the optimizer steps ran through kernels.adam_update (Adam, all float32)."""
+    runs = getattr(optimizer, "runs_kernel", None)
+    return bool(runs and all(runs(group["params"]) for group in optimizer.param_groups))
+
+
 def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) -> RunResult:
     cfg, model, splits = trainer.config, trainer.model, trainer.splits
     save_weights(model, run_dir / "model.safetensors", {"model": cfg.model.name})
@@ -185,6 +191,7 @@ def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) 
                               and not cfg.train.compile),
         "fused_dropout": (getattr(trainer.model, "runs_fused_dropout", False)
                           and not cfg.train.compile),
+        "fused_adam": _runs_adam_kernel(trainer.optimizer),
     }
     if history:
         last = history[-1]
