@@ -205,8 +205,13 @@ def test_small_dense_calls_stay_float32_under_bf16_autocast(monkeypatch):
         small = first(x)                # 32 * 432 * 48 = 663,552 multiply-adds
         monkeypatch.setattr(build, "FLOAT32_DENSE_MACS", 32 * 432 * 48 - 1)
         large = first(x)
+        monkeypatch.setattr(build, "FLOAT32_DENSE_MACS", 32 * 432 * 48)
+        monkeypatch.setattr(build, "FLOAT32_DENSE_INPUTS", 32 * 432 - 1)
+        wide = first(x)
         from_bf16_input = dense[1](torch.randn(32, 48).bfloat16())
-    assert small.dtype == torch.float32 and large.dtype == torch.bfloat16
+    assert small.dtype == torch.float32 and large.dtype == wide.dtype == torch.bfloat16
     assert from_bf16_input.dtype == torch.float32  # a bf16 input is widened, not refused
     torch.testing.assert_close(small, torch.nn.functional.linear(x, first.weight, first.bias))
     assert first(x).dtype == torch.float32  # outside autocast: plain float32
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert first(x).dtype == torch.bfloat16  # inference stays in bf16

@@ -153,10 +153,13 @@ class KerasDense(nn.Linear):
 
     A bf16 matrix product goes through oneDNN, whose per-call set-up dominates for the small
     dense layers of the seed's models: forward and backward of model2's 432 -> 48 layer at
-    batch 32 took 440 us in bf16 against 261 us in float32, its 48 -> 10 layer 272 against
-    109 us; at 128 x 576 -> 64 both took 620 us (benchmarks/RESULTS.md). So a call with at most
-    FLOAT32_DENSE_MACS multiply-adds computes in float32 (more exact, and faster), and returns
-    float32, which the next bf16 operation casts as autocast would.
+    batch 32 took 330-440 us in bf16 against 176-261 us in float32, its 48 -> 10 layer 272
+    against 109 us; at 128 x 576 -> 64 the two were within 10 %. A larger input turns it
+    around: for `fastnet`'s 864 -> 10 head at batch 256, float32 took 509 us and bf16 438 (the
+    input's cast to float32 and its gradient's cast back cost more than the call set-up saved).
+    So a training call with at most FLOAT32_DENSE_MACS multiply-adds and FLOAT32_DENSE_INPUTS
+    input values computes in float32 (more exact, and faster), and returns float32, which the
+    next bf16 operation casts as autocast would. Inference (no gradient) stays in bf16.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,15 +169,20 @@ class KerasDense(nn.Linear):
         return super().forward(x)
 
     def _small_call_in_bf16(self, x: torch.Tensor) -> bool:
-        if x.device.type != "cpu" or not cpu_autocast_is_bf16():
+        if x.device.type != "cpu" or not torch.is_grad_enabled() or not cpu_autocast_is_bf16():
             return False
-        rows = x.numel() // self.in_features
-        return rows * self.in_features * self.out_features <= FLOAT32_DENSE_MACS
+        return (x.numel() <= FLOAT32_DENSE_INPUTS
+                and x.numel() * self.out_features <= FLOAT32_DENSE_MACS)
 
 
-# Multiply-adds per call up to which KerasDense stays in float32 under bf16 autocast: below
-# the 4.7 million of model1's 576 -> 64 layer at batch 128, where the two took the same time.
+# Limits of a KerasDense training call that stays in float32 under bf16 autocast (measured, see
+# above): multiply-adds, below the 4.7 million of model1's 576 -> 64 layer at batch 128, where
+# the two took about the same time; and input values, above the 13,824 of model2's 432 -> 48
+# layer at batch 32 and below the 73,728 of model1's 576 -> 64 at batch 128 (the two about
+# equal) and fastnet's 221,184 (bf16 faster). At this line the recipes that train in bf16 by
+# default (`fast`, `best`) keep every Dense call in bf16, their last partial batch included.
 FLOAT32_DENSE_MACS = 4_000_000
+FLOAT32_DENSE_INPUTS = 16_384
 
 
 class Residual(nn.Module):
