@@ -206,8 +206,8 @@ class Dropout(nn.Module):
     drawn as 15-bit integers from 64-bit random words (four values per draw of the generator)
     instead of a float per value: on CPU, torch.rand_like took a tenth of model3's batch-32 step
     and bernoulli_ more; this is about 6x cheaper. There the drop probability is `rate` rounded
-    to a multiple of 1/32768. Inside torch.compile the mask is torch.rand_like's. Either way a checkpoint that saves the generator's state resumes
-    with the same masks.
+    to a multiple of 1/32768. Inside torch.compile the mask is torch.rand_like's. Either way a
+    checkpoint that saves the generator's state resumes with the same masks.
     """
 
     def __init__(self, rate: float):
@@ -228,8 +228,8 @@ class Dropout(nn.Module):
             # inductor draws and applies the mask in one generated loop; the int16 view of
             # int64 words below breaks its alias tracking (torch 2.13)
             keep = torch.rand_like(x) >= self.rate
-            return x * keep.to(x.dtype) * (1.0 / (1.0 - self.rate))
-        keep = uniform_15bit_like(x) >= round(self.rate * 32768)
+        else:
+            keep = uniform_15bit_like(x) >= round(self.rate * 32768)
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.rate))
 
     def extra_repr(self) -> str:
