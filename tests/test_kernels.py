@@ -277,3 +277,83 @@ def test_switching_kernels_off_reaches_the_dropout_layers():
     assert not any(layer.use_kernel for layer in layers) and not model.runs_fused_dropout
     x = torch.randn(2, 32, 13, 13)
     assert not layers[0].runs_kernel(x)
+
+
+# ---- max pool (+ ReLU, + dropout) ----------------------------------------------------------
+
+def pool_reference(x, relu, rate, seed):
+    """The ops kernels.max_pool2 fuses, one by one."""
+    out = F.max_pool2d(x, 2)
+    if relu:
+        out = torch.relu(out)
+    if rate:
+        out = kernels.dropout(out.contiguous(memory_format=torch.channels_last), rate, seed)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 64, 11, 11),   # model1/model2's second pool: odd sides
+                                   (2, 16, 6, 7),     # one block of channels, odd width
+                                   (2, 80, 9, 8),     # a partial 64-channel dropout chunk
+                                   (1, 16, 2, 2)])
+@pytest.mark.parametrize("relu,rate", [(False, 0.0), (True, 0.0), (True, 0.2), (False, 0.5)])
+def test_max_pool_equals_the_pytorch_ops_it_fuses(dtype, shape, relu, rate):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    x[:, :, 0, 1] = x[:, :, 0, 0]  # ties: the first window position wins, as in max_pool2d
+    x[:, :3, 1, :] = 0.0           # ties at zero, the ReLU's edge
+    mine, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = kernels.max_pool2(mine, relu, rate, seed=99)
+    want = pool_reference(theirs, relu, rate, 99)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, want)
+    upstream = torch.randn(out.shape, generator=g).to(dtype)
+    out.backward(upstream)
+    want.backward(upstream)
+    assert mine.grad.dtype == dtype
+    assert torch.equal(mine.grad, theirs.grad)
+    with torch.no_grad():  # inference: no winners kept, the same values
+        assert torch.equal(kernels.max_pool2(x, relu, rate, seed=99), want.detach())
+
+
+def test_max_pool_takes_only_what_it_computes():
+    x = torch.randn(2, 16, 5, 5)
+    assert kernels.max_pool2_takes(x) and kernels.max_pool2_takes(x.bfloat16())
+    assert not kernels.max_pool2_takes(torch.randn(2, 8, 5, 5))  # channels in blocks of 16
+    assert not kernels.max_pool2_takes(torch.randn(2, 16, 1, 5))
+    assert not kernels.max_pool2_takes(x.double())
+    assert not kernels.pool_eligible(torch.nn.MaxPool2d(3))
+    assert not kernels.pool_eligible(torch.nn.MaxPool2d(2, ceil_mode=True))  # Keras 'same'
+    assert kernels.pool_eligible(torch.nn.MaxPool2d(2))
+
+
+@pytest.mark.parametrize("name", ["model2", "fastnet"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_model_training_step_is_the_same_with_the_pool_kernel(name, precision):
+    """The fused pools (with model2's ReLU and Dropout) and the ReLU moved after the Flatten
+    change nothing: equal outputs and gradients, the dropout masks included."""
+    from fashion_cnn.train import autocast
+
+    model = build_model(get_model_spec(name), seed=0).train()
+    assert model.pools and model.runs_fused_pool
+    if name == "model2":  # its second pool takes the ReLU and the Dropout after it
+        relu, dropout = model.pools[4]
+        assert relu and dropout is model.layers[5]
+        assert model.relu_after_flatten == {6}
+    h, w, _ = model.spec.input_shape
+    x = images(8, h, w).contiguous(memory_format=torch.channels_last)
+    pools, moved = model.pools, model.relu_after_flatten
+
+    def run(fused):
+        model.pools, model.relu_after_flatten = (pools, moved) if fused else ({}, set())
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        with autocast(precision):
+            out = model(x)
+        out.float().square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    out_fused, grads_fused = run(True)
+    out_plain, grads_plain = run(False)
+    assert torch.equal(out_fused, out_plain)
+    assert all(torch.equal(a, b) for a, b in zip(grads_fused, grads_plain))

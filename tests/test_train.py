@@ -48,6 +48,7 @@ def test_run_directory_contents_and_evaluate_reproduces_metrics(real_data, tmp_p
     from fashion_cnn import kernels
     assert metrics["fused_first_block"] is kernels.available()  # model1 opens with the block
     assert metrics["fused_adam"] is kernels.available()         # Keras' Adam, float32 weights
+    assert metrics["fused_pool"] is kernels.available()         # its second max pool
     again = run.evaluate_run(r, data=real_data)
     assert again["test_accuracy"] == metrics["test_accuracy"]
     assert again["test_loss"] == pytest.approx(metrics["test_loss"], rel=1e-6)

@@ -185,10 +185,12 @@ def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) 
         "eval_seconds": eval_seconds,
         "peak_rss_mib": peak_rss_mib(),
         "precision": cfg.train.precision, "threads": torch.get_num_threads(),
-        # whether the training steps ran the first block and the dropout layers through the C
-        # kernels (speed, not results); a compiled model runs PyTorch's layers in its graph
+        # whether the training steps ran the first block, the max pools and the dropout layers
+        # through the C kernels (speed, not results); a compiled model runs PyTorch's layers
         "fused_first_block": (getattr(trainer.model, "runs_fused_block", False)
                               and not cfg.train.compile),
+        "fused_pool": (getattr(trainer.model, "runs_fused_pool", False)
+                       and not cfg.train.compile),
         "fused_dropout": (getattr(trainer.model, "runs_fused_dropout", False)
                           and not cfg.train.compile),
         "fused_adam": _runs_adam_kernel(trainer.optimizer),

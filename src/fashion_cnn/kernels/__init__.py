@@ -1,9 +1,12 @@
-"""C kernels for two places where PyTorch's CPU ops spend their time moving memory.
+"""C kernels for places where PyTorch's CPU ops spend their time moving memory or setting up.
 
 - `conv1_pool.c`: the seed networks' first block, Conv2D(1 -> C) + ReLU + MaxPooling2D(2). As
   three library calls it moves the full-resolution convolution output through memory several
   times per step while doing almost no arithmetic; the kernel computes each pooled value from
   its input window in registers instead (see the file for the layouts).
+- `max_pool.c`: MaxPooling2D(2), with the ReLU and the Dropout that follow it where they do,
+  in one pass each way (one byte per pooled value kept for the backward pass, instead of
+  int64 indices, a zero-filled gradient and two more passes).
 - `dropout.c`: inverted dropout in one pass each way, its mask recomputed from a seed in the
   backward pass instead of stored (a fifth of a seed model2 step at batch 32 before).
 - `adam.c`: Keras' Adam update over all of a model's tensors in one parallel pass (torch's
@@ -14,8 +17,8 @@ They are compiled once per machine with the system's C compiler (`cc -O3 -march=
 through ctypes, so they need no build step at install time. Where there is no compiler, or the
 build fails, or FASHION_CNN_NO_KERNELS is set, `available()` is False and the model runs the
 same layers through PyTorch: the kernels change speed, not results (forward values equal up to
-float rounding; ties in the max go to the first window position, as in max_pool2d; dropout
-draws its masks from the same generator, in a different way).
+float rounding, and exactly for the max pool; ties in the max go to the first window position,
+as in max_pool2d; dropout draws its masks from the same generator, in a different way).
 
 >>> from fashion_cnn import kernels
 >>> kernels.available(), kernels.status()          # doctest: +SKIP
@@ -38,7 +41,9 @@ import torch
 
 from ..perf import cpu_autocast_is_bf16
 
-SOURCES = [Path(__file__).with_name(name) for name in ("conv1_pool.c", "dropout.c", "adam.c")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("conv1_pool.c", "max_pool.c", "dropout.c", "adam.c")]
+HEADERS = [Path(__file__).with_name("simd.h")]  # included by the sources: part of the cache key
 # -fno-math-errno: sqrtf without errno, so that adam.c's loop vectorizes (2x faster)
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 COMPILE_TIMEOUT_S = 120
@@ -70,7 +75,7 @@ def _build(compiler: str) -> Path:
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
-    key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES), version,
+    key = hashlib.sha256("\0".join([*(f.read_text() for f in SOURCES + HEADERS), version,
                                     " ".join(FLAGS), _cpu_signature()]).encode()).hexdigest()[:12]
     target = cache_root() / "kernels" / f"fashion_cnn_kernels-{key}.so"
     if target.exists():
@@ -122,10 +127,15 @@ def _load() -> ctypes.CDLL | None:
                                 ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
     ptrs = ctypes.POINTER(ctypes.c_void_p)
     f32 = ctypes.c_float
+    vp, u64, u32, c_int = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int
+    library.max_pool2_forward.argtypes = [vp, vp, vp, i64, i64, i64, i64, c_int, c_int, u64,
+                                          c_int, u32, f32, c_int]
+    library.max_pool2_backward.argtypes = [vp, vp, vp, i64, i64, i64, i64, c_int, u64, c_int,
+                                           u32, f32, c_int]
     library.adam_update.argtypes = [i64, ptrs, ptrs, ptrs, ptrs, ctypes.POINTER(i64), f32, f32,
                                     f32, f32, f32, ctypes.c_int]
-    for name in ("conv1_pool_relu_forward", "conv1_pool_relu_backward", "dropout",
-                 "adam_update"):
+    for name in ("conv1_pool_relu_forward", "conv1_pool_relu_backward", "max_pool2_forward",
+                 "max_pool2_backward", "dropout", "adam_update"):
         getattr(library, name).restype = None
     _library, _status = library, f"C kernels: compiled ({path})"
     return _library
@@ -218,6 +228,74 @@ def conv1_pool_relu(x: torch.Tensor, weight: torch.Tensor,
     return _Conv1PoolReLU.apply(x, weight, bias, dtype)
 
 
+def pool_eligible(pool: torch.nn.Module) -> bool:
+    """Whether `pool` is the pooling max_pool2 computes: 2x2, stride 2, no padding or dilation,
+    floor mode, no indices returned (Keras' MaxPooling2D(2))."""
+    return (isinstance(pool, torch.nn.MaxPool2d) and _pair(pool.kernel_size) == (2, 2)
+            and _pair(pool.stride) == (2, 2) and _pair(pool.padding) == (0, 0)
+            and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode
+            and not pool.return_indices)
+
+
+def max_pool2_takes(x: torch.Tensor) -> bool:
+    """Whether max_pool2 can take `x`: a float32 or bfloat16 CPU tensor (N, C, H, W) with C a
+    multiple of 16 and H and W at least 2 (any layout; channels_last needs no copy)."""
+    return (x.device.type == "cpu" and x.dtype in DROPOUT_DTYPES and x.dim() == 4
+            and x.shape[1] % LANES == 0 and x.shape[2] >= 2 and x.shape[3] >= 2)
+
+
+class _MaxPool2(torch.autograd.Function):
+    """max_pool2d(x, 2), then optionally relu, then optionally inverted dropout (see
+    max_pool.c); channels_last in and out."""
+
+    @staticmethod
+    def forward(ctx, x, relu, seed, rate):
+        x = x.contiguous(memory_format=torch.channels_last)
+        n, c, h, w = x.shape
+        out = torch.empty((n, h // 2, w // 2, c), dtype=x.dtype)  # channels_last storage
+        need_grad = ctx.needs_input_grad[0]
+        winner = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8) if need_grad else None
+        dropout = (bool(rate), dropout_threshold(rate), 1.0 / (1.0 - rate))
+        _library.max_pool2_forward(x.data_ptr(), out.data_ptr(),
+                                   winner.data_ptr() if need_grad else None, n, h, w, c,
+                                   x.dtype == torch.bfloat16, bool(relu), seed, *dropout,
+                                   torch.get_num_threads())
+        if need_grad:
+            ctx.save_for_backward(winner)
+            ctx.shape, ctx.dtype = (n, c, h, w), x.dtype
+            ctx.dropout = (seed, *dropout)
+        return out.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (winner,) = ctx.saved_tensors
+        n, c, h, w = ctx.shape
+        grad = grad_out.to(ctx.dtype).contiguous(memory_format=torch.channels_last)
+        grad_in = torch.empty((n, h, w, c), dtype=ctx.dtype)
+        _library.max_pool2_backward(grad.data_ptr(), winner.data_ptr(), grad_in.data_ptr(),
+                                    n, h, w, c, ctx.dtype == torch.bfloat16, *ctx.dropout,
+                                    torch.get_num_threads())
+        return grad_in.permute(0, 3, 1, 2), None, None, None
+
+
+def max_pool2(x: torch.Tensor, relu: bool = False, dropout_rate: float = 0.0,
+              seed: int | None = None) -> torch.Tensor:
+    """max_pool2d(x, 2) (Keras' MaxPooling2D(2): floor, no padding), then relu where `relu`,
+    then inverted dropout at `dropout_rate`: the same values, and gradients, as those ops run
+    one by one (kernels.dropout's mask on the channels_last pooled tensor, from `seed`, drawn
+    from torch's generator as kernels.dropout draws it when None). Returns a channels_last
+    tensor of x's dtype. Call only when available() and max_pool2_takes(x) are True."""
+    if dropout_rate and seed is None:
+        seed = draw_seed()
+    return _MaxPool2.apply(x, relu, (seed or 0) & 0xFFFFFFFFFFFFFFFF, dropout_rate)
+
+
+def draw_seed() -> int:
+    """A 64-bit dropout seed from torch's global generator (so that a checkpoint that saves
+    the generator's state resumes with the same masks)."""
+    return int(torch.empty((), dtype=torch.int64).random_())
+
+
 def _dropout_apply(x: torch.Tensor, seed: int, rate: float) -> torch.Tensor:
     """x * keep / (1 - rate) for x contiguous in memory (any shape); see dropout.c."""
     out = torch.empty_like(x)
@@ -264,7 +342,7 @@ def dropout(x: torch.Tensor, rate: float, seed: int | None = None) -> torch.Tens
         raise ValueError(f"kernels.dropout takes float32 or bfloat16 CPU tensors, not "
                          f"{x.dtype} on {x.device}")
     if seed is None:
-        seed = int(torch.empty((), dtype=torch.int64).random_())
+        seed = draw_seed()
     return _Dropout.apply(x, seed & 0xFFFFFFFFFFFFFFFF, rate)
 
 
@@ -275,17 +353,34 @@ def adam_eligible(tensor: torch.Tensor) -> bool:
                 memory_format=torch.channels_last))))
 
 
+class AdamTensors:
+    """The parameters, m and v of one Adam group, held ready for adam_update: the kernel's
+    pointer tables are built once, and each step passes only the gradients (which autograd
+    allocates anew when they are set to None between steps). Valid while these tensors keep
+    their storage (updates happen in place)."""
+
+    def __init__(self, params, ms, vs):
+        count = len(params)
+        self.count, self.table = count, ctypes.c_void_p * count
+        self._keep = (list(params), list(ms), list(vs))  # the storage the tables point into
+        self.params = self.table(*(t.data_ptr() for t in params))
+        self.ms = self.table(*(t.data_ptr() for t in ms))
+        self.vs = self.table(*(t.data_ptr() for t in vs))
+        self.sizes = (ctypes.c_int64 * count)(*(p.numel() for p in params))
+
+    def update(self, grads, *, lr: float, alpha: float, beta1: float, beta2: float,
+               epsilon: float, weight_decay: float) -> None:
+        """One step (see adam_update) with these gradients, in the parameters' order."""
+        _library.adam_update(self.count, self.params, self.table(*(g.data_ptr() for g in grads)),
+                             self.ms, self.vs, self.sizes, weight_decay * lr, 1.0 - beta1,
+                             1.0 - beta2, alpha, epsilon, torch.get_num_threads())
+
+
 def adam_update(params, grads, ms, vs, *, lr: float, alpha: float, beta1: float, beta2: float,
                 epsilon: float, weight_decay: float) -> None:
     """Keras' Adam step in place over lists of float32 CPU tensors (see adam.c): w, m, v of
     each parameter updated from its gradient; alpha = lr * sqrt(1 - beta2^t) / (1 - beta1^t).
     Each parameter's gradient, m and v must have its strides and pass adam_eligible. Call only
     when available() is True."""
-    count = len(params)
-    pointers = ctypes.c_void_p * count
-    sizes = (ctypes.c_int64 * count)(*(p.numel() for p in params))
-    _library.adam_update(count, pointers(*(t.data_ptr() for t in params)),
-                         pointers(*(t.data_ptr() for t in grads)),
-                         pointers(*(t.data_ptr() for t in ms)),
-                         pointers(*(t.data_ptr() for t in vs)), sizes, weight_decay * lr,
-                         1.0 - beta1, 1.0 - beta2, alpha, epsilon, torch.get_num_threads())
+    AdamTensors(params, ms, vs).update(grads, lr=lr, alpha=alpha, beta1=beta1, beta2=beta2,
+                                       epsilon=epsilon, weight_decay=weight_decay)
