@@ -116,3 +116,48 @@ def test_adam_kernel_leaves_other_dtypes_to_torch():
     w.grad = torch.tensor([0.5, -1.0], dtype=torch.float64)
     opt.step()
     assert w.dtype == torch.float64 and w.detach().tolist() != [1.0, -2.0]
+
+
+def test_adam_follows_parameters_whose_data_changes_between_steps():
+    """A step reuses its lists and the kernel's pointer tables until the parameters change:
+    a parameter without a gradient, the kernel switched off, or data replaced by a copy in
+    new memory (the old pointers would update freed memory and leave the parameter as it
+    was) all start a fresh plan."""
+    a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))
+    opt = KerasAdam([a, b], lr=0.1)
+    ref_a, ref_b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))
+    ref = KerasAdam([ref_a, ref_b], lr=0.1)
+    ref.use_kernel = False
+    for step in range(5):
+        for p in (a, b, ref_a, ref_b):
+            p.grad = torch.full(p.shape, 0.5 + step)
+        if step == 1:  # b has no gradient: only a moves, and only a's count advances
+            b.grad = ref_b.grad = None
+        if step == 2:
+            opt.use_kernel = False
+        if step == 3:
+            opt.use_kernel = True
+            before = a.data_ptr()
+            a.data = a.data.clone()
+            assert a.data_ptr() != before
+        opt.step()
+        ref.step()
+        torch.testing.assert_close(a.detach(), ref_a.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(b.detach(), ref_b.detach(), rtol=1e-6, atol=1e-7)
+    assert opt.runs_kernel([a, b])
+    assert float(opt.state[b]["step"]) == float(ref.state[ref_b]["step"])
+
+
+def test_adam_runs_optimizer_hooks_and_keeps_its_profiler_label():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = KerasAdam([w], lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    w.grad = torch.ones(3)
+    opt.step()
+    assert calls == ["pre", "post"] and float(w.detach()[0]) < 1.0
+    with torch.profiler.profile() as prof:
+        w.grad = torch.ones(3)
+        opt.step()
+    assert "Optimizer.step#KerasAdam.step" in {e.key for e in prof.key_averages()}

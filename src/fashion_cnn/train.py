@@ -179,7 +179,7 @@ class Trainer:
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             penalty = model.regularization_penalty() if regularized else None
             total = loss + penalty if penalty is not None else loss
-            self.optimizer.zero_grad(set_to_none=True)
+            self._clear_grads()
             total.backward()
             self.optimizer.step()
             with torch.no_grad():
@@ -205,6 +205,13 @@ class Trainer:
         s.epoch_seconds = 0.0
         logs["seconds"] = time.perf_counter() - started
         return logs
+
+    def _clear_grads(self) -> None:
+        """optimizer.zero_grad(set_to_none=True) without its wrapper (a profiler label and a
+        loop over groups: about 0.1 ms of a training step here)."""
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = None
 
     def _check_finite(self, losses: torch.Tensor, start: int, end: int) -> None:
         window = losses[start:end]
