@@ -357,3 +357,20 @@ def test_model_training_step_is_the_same_with_the_pool_kernel(name, precision):
     out_plain, grads_plain = run(False)
     assert torch.equal(out_fused, out_plain)
     assert all(torch.equal(a, b) for a, b in zip(grads_fused, grads_plain))
+
+
+def test_model2_training_forward_draws_its_masks_as_the_unfused_layers_do():
+    """model2 in training: its second pool with the ReLU and Dropout after it, against every
+    layer after the first block run apart (kernels on), from one generator state: the fused
+    dropout draws its seed where the Dropout layer would."""
+    model = build_model(get_model_spec("model2"), seed=0).train()
+    x = images(4, 28, 28).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(3)
+    fused = model(x)
+    torch.manual_seed(3)
+    h, layers = x, model.layers
+    h = kernels.conv1_pool_relu(h, layers[0].weight, layers[0].bias)  # the block, no dropout
+    for layer in list(layers)[2:]:
+        h = layer(h) if not isinstance(layer, torch.nn.Sequential) or len(layer) != 2 \
+            or not isinstance(layer[0], torch.nn.MaxPool2d) else torch.relu(F.max_pool2d(h, 2))
+    assert torch.equal(fused, h)

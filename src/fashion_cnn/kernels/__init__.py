@@ -123,15 +123,16 @@ def _load() -> ctypes.CDLL | None:
                                                 i64, i64, i64, i64, i64, ctypes.c_int]
     library.conv1_pool_relu_backward.argtypes = [f32p, f32p, flag, u8p, f32p, f32p,
                                                  i64, i64, i64, i64, i64, ctypes.c_int]
+    f32, u64, u32, c_int = ctypes.c_float, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int
+    dropout_args = [c_int, u64, u32, f32]  # on, seed, keep threshold, scale
     library.dropout.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, ctypes.c_int,
                                 ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
     ptrs = ctypes.POINTER(ctypes.c_void_p)
-    f32 = ctypes.c_float
-    vp, u64, u32, c_int = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int
-    library.max_pool2_forward.argtypes = [vp, vp, vp, i64, i64, i64, i64, c_int, c_int, u64,
-                                          c_int, u32, f32, c_int]
-    library.max_pool2_backward.argtypes = [vp, vp, vp, i64, i64, i64, i64, c_int, u64, c_int,
-                                           u32, f32, c_int]
+    vp = ctypes.c_void_p
+    library.max_pool2_forward.argtypes = [vp, vp, vp, i64, i64, i64, i64, c_int, c_int,
+                                          *dropout_args, c_int]
+    library.max_pool2_backward.argtypes = [vp, vp, vp, i64, i64, i64, i64, c_int,
+                                           *dropout_args, c_int]
     library.adam_update.argtypes = [i64, ptrs, ptrs, ptrs, ptrs, ctypes.POINTER(i64), f32, f32,
                                     f32, f32, f32, ctypes.c_int]
     for name in ("conv1_pool_relu_forward", "conv1_pool_relu_backward", "max_pool2_forward",
@@ -255,15 +256,15 @@ class _MaxPool2(torch.autograd.Function):
         out = torch.empty((n, h // 2, w // 2, c), dtype=x.dtype)  # channels_last storage
         need_grad = ctx.needs_input_grad[0]
         winner = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8) if need_grad else None
-        dropout = (bool(rate), dropout_threshold(rate), 1.0 / (1.0 - rate))
+        dropout = _fused_dropout(seed, rate)
         _library.max_pool2_forward(x.data_ptr(), out.data_ptr(),
                                    winner.data_ptr() if need_grad else None, n, h, w, c,
-                                   x.dtype == torch.bfloat16, bool(relu), seed, *dropout,
+                                   x.dtype == torch.bfloat16, bool(relu), *dropout,
                                    torch.get_num_threads())
         if need_grad:
             ctx.save_for_backward(winner)
             ctx.shape, ctx.dtype = (n, c, h, w), x.dtype
-            ctx.dropout = (seed, *dropout)
+            ctx.dropout = dropout
         return out.permute(0, 3, 1, 2)
 
     @staticmethod
@@ -287,7 +288,14 @@ def max_pool2(x: torch.Tensor, relu: bool = False, dropout_rate: float = 0.0,
     tensor of x's dtype. Call only when available() and max_pool2_takes(x) are True."""
     if dropout_rate and seed is None:
         seed = draw_seed()
-    return _MaxPool2.apply(x, relu, (seed or 0) & 0xFFFFFFFFFFFFFFFF, dropout_rate)
+    return _MaxPool2.apply(x, relu, seed, dropout_rate)
+
+
+def _fused_dropout(seed: int | None, rate: float) -> tuple:
+    """The C kernels' dropout arguments: (on, seed, keep threshold, scale)."""
+    if not rate:
+        return (False, 0, 0, 1.0)
+    return (True, seed & 0xFFFFFFFFFFFFFFFF, dropout_threshold(rate), 1.0 / (1.0 - rate))
 
 
 def draw_seed() -> int:

@@ -44,21 +44,6 @@ static inline void block_lanes(uint64_t seed, int64_t e0, uint16_t lanes[BLOCK])
     memcpy(lanes, &z, sizeof z);
 }
 
-/* The mask lanes of elements [first, first + count), for kernels that fuse a dropout
-   (max_pool.c): the same lanes as dropout() gives those elements. */
-void dropout_lanes(uint64_t seed, int64_t first, int64_t count, uint16_t *lanes)
-{
-    int64_t e = first;
-    while (e < first + count) {
-        const int64_t e0 = e - e % BLOCK;
-        uint16_t block[BLOCK];
-        block_lanes(seed, e0, block);
-        const int64_t end = e0 + BLOCK < first + count ? e0 + BLOCK : first + count;
-        memcpy(lanes + (e - first), block + (e - e0), (size_t)(end - e) * sizeof(uint16_t));
-        e = end;
-    }
-}
-
 static inline uint16_t to_bfloat16(float value)
 {
     uint32_t bits;

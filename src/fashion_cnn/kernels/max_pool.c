@@ -24,8 +24,9 @@
  *
  * Values and gradients are those of max_pool2d, then relu, then kernels.dropout on the
  * channels_last pooled tensor (its mask by each pooled value's index in memory order, see
- * dropout_lanes), so fusing changes nothing in training: the max of bfloat16 values is one of
- * them, and the dropout multiply (where `dropout` is 1) rounds as dropout.c does.
+ * dropout_lanes16 in simd.h), so fusing changes nothing in training: the max of bfloat16
+ * values is one of them, and the dropout multiply (where `dropout` is 1) rounds as dropout.c
+ * does.
  *
  * Parallel with OpenMP (the library shares torch's OpenMP runtime).
  */
@@ -36,37 +37,6 @@
 #include "simd.h"
 
 #define PARALLEL_MIN 16384  /* fewer pooled values than this run on one thread */
-#define MASK_CHUNK 64       /* channels whose dropout lanes are drawn at a time */
-
-/* from dropout.c: the 16-bit mask lanes of elements [first, first + count) for `seed` */
-void dropout_lanes(uint64_t seed, int64_t first, int64_t count, uint16_t *lanes);
-
-typedef struct {
-    int on;                  /* 0: no dropout */
-    uint64_t seed;
-    uint32_t keep_threshold; /* keep an element whose lane is at least this */
-    float scale;             /* 1 / (1 - rate) */
-} dropout_t;
-
-/* the dropout factor (scale or 0) of the LANES elements whose mask lanes start at `lanes` */
-static inline vfloat dropout_factor(const dropout_t *d, const uint16_t *lanes)
-{
-    vhalf half;
-    memcpy(&half, lanes, sizeof half);
-    const vint keep = __builtin_convertvector(half, vint) >= (int32_t)d->keep_threshold;
-    return pick(keep, (vfloat){0} + d->scale, (vfloat){0});
-}
-
-/* the dropout lanes of pooled pixel p's channels [m0, m0 + MASK_CHUNK), or of fewer where c
-   ends first (none drawn without dropout); returns how many channels that is */
-static inline int64_t chunk_lanes(const dropout_t *d, int64_t p, int64_t c, int64_t m0,
-                                  uint16_t lanes[MASK_CHUNK])
-{
-    const int64_t count = c - m0 < MASK_CHUNK ? c - m0 : MASK_CHUNK;
-    if (d->on)
-        dropout_lanes(d->seed, p * c + m0, count, lanes);
-    return count;
-}
 
 static inline vfloat load_any(const void *base, int64_t offset, int bf16)
 {
@@ -87,8 +57,7 @@ static inline vfloat round_bf16(vfloat v) { return from_bf16(to_bf16(v)); }
 /* pooled pixel p (index into n * ph * pw), channels [c0, c0 + LANES) */
 static inline __attribute__((always_inline)) void
 forward_block(const void *x, void *out, uint8_t *winner, int64_t p, int64_t c0, int64_t h,
-              int64_t w, int64_t c, int bf16, int relu, const dropout_t *d,
-              const uint16_t *lanes)
+              int64_t w, int64_t c, int bf16, int relu, const dropout_t *d)
 {
     const int64_t ph = h / 2, pw = w / 2;
     const int64_t img = p / (ph * pw), i = p / pw % ph, j = p % pw;
@@ -107,8 +76,8 @@ forward_block(const void *x, void *out, uint8_t *winner, int64_t p, int64_t c0, 
         best = pick(pass, best, (vfloat){0});
         arg = (arg & pass) | (NO_WINNER & ~pass);
     }
-    if (d->on)
-        best *= dropout_factor(d, lanes);  /* rounded once, by the store, as dropout.c */
+    if (d->on)  /* rounded once, by the store, as dropout.c */
+        best *= dropout_factor16(d->seed, p * c + c0, d->keep_threshold, d->scale);
     store_any(out, p * c + c0, bf16, best);  /* bfloat16: exact unless the dropout scaled */
     if (winner) {
         const vbyte code = __builtin_convertvector(arg, vbyte);
@@ -117,21 +86,16 @@ forward_block(const void *x, void *out, uint8_t *winner, int64_t p, int64_t c0, 
 }
 
 void max_pool2_forward(const void *x, void *out, uint8_t *winner, int64_t n, int64_t h,
-                       int64_t w, int64_t c, int bf16, int relu, uint64_t seed, int dropout,
+                       int64_t w, int64_t c, int bf16, int relu, int dropout, uint64_t seed,
                        uint32_t keep_threshold, float scale, int threads)
 {
     const dropout_t d = {dropout, seed, keep_threshold, scale};
     const int64_t pixels = n * (h / 2) * (w / 2);
     #pragma omp parallel for num_threads(threads) schedule(static) \
         if (pixels * c >= PARALLEL_MIN)
-    for (int64_t p = 0; p < pixels; p++) {
-        for (int64_t m0 = 0; m0 < c; m0 += MASK_CHUNK) {
-            uint16_t lanes[MASK_CHUNK];
-            const int64_t end = m0 + chunk_lanes(&d, p, c, m0, lanes);
-            for (int64_t c0 = m0; c0 < end; c0 += LANES)
-                forward_block(x, out, winner, p, c0, h, w, c, bf16, relu, &d, lanes + c0 - m0);
-        }
-    }
+    for (int64_t p = 0; p < pixels; p++)
+        for (int64_t c0 = 0; c0 < c; c0 += LANES)
+            forward_block(x, out, winner, p, c0, h, w, c, bf16, relu, &d);
 }
 
 /* the four input-gradient vectors under pooled pixel p (window row i, column j), channels
@@ -139,11 +103,11 @@ void max_pool2_forward(const void *x, void *out, uint8_t *winner, int64_t n, int
 static inline __attribute__((always_inline)) void
 backward_block(const void *grad_out, const uint8_t *winner, void *grad_in, int64_t p,
                int64_t c0, int64_t img, int64_t i, int64_t j, int64_t h, int64_t w, int64_t c,
-               int bf16, const dropout_t *d, const uint16_t *lanes)
+               int bf16, const dropout_t *d)
 {
     vfloat grad = load_any(grad_out, p * c + c0, bf16);
     if (d->on) {
-        grad *= dropout_factor(d, lanes);
+        grad *= dropout_factor16(d->seed, p * c + c0, d->keep_threshold, d->scale);
         if (bf16)
             grad = round_bf16(grad);  /* as dropout.c's bfloat16 backward pass */
     }
@@ -159,7 +123,7 @@ backward_block(const void *grad_out, const uint8_t *winner, void *grad_in, int64
 /* grad_in = d(loss)/d(x): the pooled gradient (times the dropout factor) at each window's
    winner, zero everywhere else, including an odd last row or column */
 void max_pool2_backward(const void *grad_out, const uint8_t *winner, void *grad_in, int64_t n,
-                        int64_t h, int64_t w, int64_t c, int bf16, uint64_t seed, int dropout,
+                        int64_t h, int64_t w, int64_t c, int bf16, int dropout, uint64_t seed,
                         uint32_t keep_threshold, float scale, int threads)
 {
     const dropout_t d = {dropout, seed, keep_threshold, scale};
@@ -172,16 +136,10 @@ void max_pool2_backward(const void *grad_out, const uint8_t *winner, void *grad_
         if (n * h * w * c >= PARALLEL_MIN)
     for (int64_t r = 0; r < n * ph; r++) {
         const int64_t img = r / ph, i = r % ph;
-        for (int64_t j = 0; j < pw; j++) {
-            const int64_t p = r * pw + j;
-            for (int64_t m0 = 0; m0 < c; m0 += MASK_CHUNK) {
-                uint16_t lanes[MASK_CHUNK];
-                const int64_t end = m0 + chunk_lanes(&d, p, c, m0, lanes);
-                for (int64_t c0 = m0; c0 < end; c0 += LANES)
-                    backward_block(grad_out, winner, grad_in, p, c0, img, i, j, h, w, c, bf16,
-                                   &d, lanes + c0 - m0);
-            }
-        }
+        for (int64_t j = 0; j < pw; j++)
+            for (int64_t c0 = 0; c0 < c; c0 += LANES)
+                backward_block(grad_out, winner, grad_in, r * pw + j, c0, img, i, j, h, w, c,
+                               bf16, &d);
         if (w % 2)  /* the odd last column of both rows */
             for (int64_t y = 2 * i; y < 2 * i + 2; y++)
                 memset(base + (size_t)(((img * h + y) * w + w - 1) * c) * size, 0,

@@ -61,4 +61,40 @@ static inline vfloat pick(vint mask, vfloat a, vfloat b)
     return (vfloat)(((vint)a & mask) | ((vint)b & ~mask));
 }
 
+/* An inverted dropout fused into a kernel (max_pool.c, conv1_pool.c) */
+typedef struct {
+    int on;                  /* 0: no dropout */
+    uint64_t seed;
+    uint32_t keep_threshold; /* keep an element whose lane is at least this */
+    float scale;             /* 1 / (1 - rate) */
+} dropout_t;
+
+/* The dropout mask lanes of the LANES elements [first, first + LANES), first a multiple of 4:
+   the lanes dropout.c gives them (see its definition), element e's being lane e % 4 of
+   word(e / 4) = splitmix64(seed + (e / 4 + 1) * 0x9E3779B97F4A7C15). */
+typedef uint64_t vword4 __attribute__((vector_size(4 * sizeof(uint64_t))));
+
+static inline vhalf dropout_lanes16(uint64_t seed, int64_t first)
+{
+    const uint64_t golden = 0x9E3779B97F4A7C15ULL, i = (uint64_t)first / 4 + 1;
+    vword4 z = {seed + i * golden, seed + (i + 1) * golden, seed + (i + 2) * golden,
+                seed + (i + 3) * golden};
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z = z ^ (z >> 31);
+    vhalf lanes;
+    memcpy(&lanes, &z, sizeof lanes);  /* little-endian: lane l of word q is element 4q + l */
+    return lanes;
+}
+
+/* The inverted-dropout factor of those elements: `scale` where the lane is at least
+   keep_threshold, else 0 */
+static inline vfloat dropout_factor16(uint64_t seed, int64_t first, uint32_t keep_threshold,
+                                      float scale)
+{
+    const vint keep = __builtin_convertvector(dropout_lanes16(seed, first), vint)
+                      >= (int32_t)keep_threshold;
+    return pick(keep, (vfloat){0} + scale, (vfloat){0});
+}
+
 #endif
