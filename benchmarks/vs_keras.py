@@ -17,6 +17,7 @@ TensorFlow is never a dependency of the project: the script makes its own virtua
 
     python benchmarks/vs_keras.py                       # model1 and model2, 25 epochs each
     python benchmarks/vs_keras.py --models model1 --epochs 3
+    python benchmarks/vs_keras.py --epochs 7 --seeds 0 1 2   # pooled over three seeds
     python benchmarks/vs_keras.py --setup-only          # only create the Keras environment
     python benchmarks/vs_keras.py --smoke               # seconds; skips Keras without its venv
 """
@@ -208,24 +209,24 @@ def write_npy_data(data, subset: int | None, folder: Path) -> None:
         np.save(folder / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
 
 
-def compare_model(model: str, args, data, precisions: list[str], keras_python: Path | None,
-                  npy_dir: Path) -> dict:
+def compare_model(model: str, seed: int, args, data, precisions: list[str],
+                  keras_python: Path | None, npy_dir: Path) -> dict:
     recipe = f"seed-{model}"
     base = resolve_config(recipe)
     if args.subset:
         base.data.subset = args.subset
     splits = splits_for(base, data)
-    sides = [ProjectSide(recipe, p, args.epochs, args.seed, splits) for p in precisions]
+    sides = [ProjectSide(recipe, p, args.epochs, seed, splits) for p in precisions]
     if keras_python is not None:
-        sides.insert(0, KerasSide(keras_python, npy_dir, model, args.epochs, args.seed,
+        sides.insert(0, KerasSide(keras_python, npy_dir, model, args.epochs, seed,
                                   args.out.with_suffix(".keras.log")))
     for epoch in range(args.epochs):
         shift = epoch % len(sides)  # rotate the order so no side always goes first
         for side in sides[shift:] + sides[:shift]:
             side.run_epoch()
-        note(f"{model} epoch {epoch + 1}/{args.epochs}: " + ", ".join(
+        note(f"{model} seed {seed} epoch {epoch + 1}/{args.epochs}: " + ", ".join(
             f"{side.name} {side.epoch_seconds[-1]:.2f} s" for side in sides))
-    summary = {"recipe": recipe, "epochs": args.epochs,
+    summary = {"recipe": recipe, "seed": seed, "epochs": args.epochs,
                "batch_size": base.train.batch_size, "sides": {}}
     for side in sides:
         side.finish()
@@ -242,6 +243,32 @@ def compare_model(model: str, args, data, precisions: list[str], keras_python: P
     return summary
 
 
+def pool_seeds(runs: list[dict]) -> dict:
+    """One model's runs over several seeds: each side's median epoch over all of them, and its
+    test accuracy per seed, with their mean and standard deviation."""
+    first = runs[0]
+    pooled = {"recipe": first["recipe"], "seeds": [r["seed"] for r in runs],
+              "epochs": first["epochs"], "batch_size": first["batch_size"], "sides": {}}
+    for name in first["sides"]:
+        accuracies = [r["sides"][name]["test_accuracy"] for r in runs]
+        pooled["sides"][name] = {
+            "median_epoch_seconds": median([t for r in runs
+                                            for t in r["sides"][name]["epoch_seconds"]]),
+            "test_accuracy": float(np.mean(accuracies)),
+            "test_accuracy_sd": float(np.std(accuracies, ddof=1)) if len(runs) > 1 else 0.0,
+            "test_accuracies": accuracies}
+    keras = pooled["sides"].get("keras")
+    pooled["speedup_vs_keras"], pooled["accuracy_minus_keras"] = {}, {}
+    for name, side in pooled["sides"].items():
+        if keras and name != "keras":
+            precision = name.removeprefix("ours-")
+            pooled["speedup_vs_keras"][precision] = (keras["median_epoch_seconds"]
+                                                     / side["median_epoch_seconds"])
+            pooled["accuracy_minus_keras"][precision] = (side["test_accuracy"]
+                                                         - keras["test_accuracy"])
+    return pooled
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Time per epoch and test accuracy of the seed's model1/model2: "
@@ -253,6 +280,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=None,
                    help="this project's precisions (default: fp32, and bf16 where native)")
     p.add_argument("--seed", type=int, default=0, help="seed of both sides (default: 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="several seeds, one after another (overrides --seed); the table "
+                        "pools them: median epoch over all, mean test accuracy +- sd")
     p.add_argument("--subset", type=int, default=None, help="first N training images only")
     p.add_argument("--threads", type=int, default=0,
                    help="this project's torch threads (0: one per core; Keras keeps its default)")
@@ -275,6 +305,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.threads = args.threads or 1  # a smoke run checks the code; one thread is kindest
     if args.epochs < 1:
         p.error("--epochs must be at least 1")
+    args.seeds = args.seeds or [args.seed]
     return args
 
 
@@ -303,7 +334,11 @@ def main(argv=None) -> int:
         if keras_python is not None:
             write_npy_data(data, args.subset, npy_dir)
         for model in args.models:
-            results.append(compare_model(model, args, data, precisions, keras_python, npy_dir))
+            for seed in args.seeds:
+                results.append(compare_model(model, seed, args, data, precisions, keras_python,
+                                             npy_dir))
+    pooled = [pool_seeds([r for r in results if r["recipe"] == f"seed-{model}"])
+              for model in args.models]
 
     print(f"\nSeconds per epoch (median over {args.epochs} epochs, training + validation pass; "
           f"sides alternate epoch by epoch)")
@@ -314,13 +349,25 @@ def main(argv=None) -> int:
         for name, s in r["sides"].items():
             precision = name.removeprefix("ours-")
             speedup = r["speedup_vs_keras"].get(precision)
-            rows.append([r["recipe"], name, r["batch_size"], fmt(s["median_epoch_seconds"]),
-                         fmt(s["first_epoch_seconds"]),
+            rows.append([r["recipe"], r["seed"], name, r["batch_size"],
+                         fmt(s["median_epoch_seconds"]), fmt(s["first_epoch_seconds"]),
                          f"{speedup:.2f}x" if speedup else "-",
                          fmt(s["test_accuracy"], 4), fmt(s.get("final_val_accuracy"), 4),
                          fmt(s.get("peak_rss_mib"), 0)])
-    print(table(["recipe", "side", "batch", "median s", "1st epoch s", "vs keras",
+    print(table(["recipe", "seed", "side", "batch", "median s", "1st epoch s", "vs keras",
                  "test acc", "val acc", "peak RSS MiB"], rows))
+    if len(args.seeds) > 1:
+        print(f"\nPooled over seeds {', '.join(map(str, args.seeds))}: median epoch over all "
+              f"of them, test accuracy mean +- sd")
+        rows = []
+        for r in pooled:
+            for name, s in r["sides"].items():
+                speedup = r["speedup_vs_keras"].get(name.removeprefix("ours-"))
+                rows.append([r["recipe"], name, fmt(s["median_epoch_seconds"]),
+                             f"{speedup:.2f}x" if speedup else "-",
+                             f"{s['test_accuracy']:.4f} +- {s['test_accuracy_sd']:.4f}",
+                             " ".join(f"{a:.4f}" for a in s["test_accuracies"])])
+        print(table(["recipe", "side", "median s", "vs keras", "test acc", "per seed"], rows))
     write_result(args.out, {
         "benchmark": "vs_keras", "machine": machine_info(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -328,6 +375,7 @@ def main(argv=None) -> int:
         # this process held both precisions' trainers and the data at once
         "project_process_peak_rss_mib": peak_rss_mib(),
         "results": results,
+        "pooled_over_seeds": pooled,
     })
     return 0
 

@@ -97,6 +97,11 @@ def check_vs_keras(result: dict, with_keras: bool) -> None:
         assert len(side["epoch_seconds"]) == 1
         assert 0.0 <= side["test_accuracy"] <= 1.0
         assert side["train_images"] == 409  # subset 512 minus the last 20 % for validation
+    (pooled,) = result["pooled_over_seeds"]  # one seed: the pooled row is that run's
+    assert pooled["seeds"] == [0] and set(pooled["sides"]) == set(sides)
+    for name, side in pooled["sides"].items():
+        assert side["test_accuracies"] == [sides[name]["test_accuracy"]]
+        assert side["median_epoch_seconds"] == sides[name]["median_epoch_seconds"]
     if with_keras:
         assert all(positive(v) for v in model1["speedup_vs_keras"].values())
         assert positive(sides["keras"]["peak_rss_mib"])
