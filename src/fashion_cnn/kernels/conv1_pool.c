@@ -82,10 +82,7 @@ forward_image(const float *restrict x, const float *restrict weight, const float
                     const int64_t base = ((img * ph + i) * pw + j) * c + c0;
                     /* ReLU; a NaN passes through it, as torch.relu lets it */
                     const vfloat result = (vfloat)((vint)best & (active | (best != best)));
-                    if (bf16)
-                        store_bf16((uint16_t *)out + base, result);
-                    else
-                        store((float *)out + base, result);
+                    store_any(out, base, bf16, result);
                     if (winner) {
                         const vint code = (arg & active) | (NO_WINNER & ~active);
                         for (int l = 0; l < LANES; l++)
@@ -129,8 +126,7 @@ backward_image(const float *restrict x, const void *restrict grad_out, int bf16,
         for (int64_t i = 0; i < ph; i++) {
             for (int64_t j = 0; j < pw; j++) {
                 const int64_t base = ((img * ph + i) * pw + j) * c + c0;
-                const vfloat grad = bf16 ? load_bf16((const uint16_t *)grad_out + base)
-                                         : load((const float *)grad_out + base);
+                const vfloat grad = load_any(grad_out, base, bf16);
                 vint code;
                 for (int l = 0; l < LANES; l++)
                     code[l] = winner[base + l];

@@ -23,6 +23,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "simd.h"
+
 #define BLOCK 64            /* elements per parallel work item: 16 words of 4 lanes */
 #define PARALLEL_MIN 32768  /* fewer elements than this run on one thread */
 
@@ -36,11 +38,8 @@ static inline void block_lanes(uint64_t seed, int64_t e0, uint16_t lanes[BLOCK])
     vword z;
     const uint64_t first = (uint64_t)e0 / 4 + 1;
     for (int q = 0; q < BLOCK / 4; q++)
-        z[q] = seed + (first + (uint64_t)q) * 0x9E3779B97F4A7C15ULL;
-    /* splitmix64's output function */
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z = z ^ (z >> 31);
+        z[q] = seed + (first + (uint64_t)q) * MASK_GOLDEN;
+    MASK_MIX(z);  /* splitmix64's output function (simd.h) */
     memcpy(lanes, &z, sizeof z);
 }
 

@@ -38,18 +38,13 @@
 
 #define PARALLEL_MIN 16384  /* fewer pooled values than this run on one thread */
 
-static inline vfloat load_any(const void *base, int64_t offset, int bf16)
-{
-    return bf16 ? load_bf16((const uint16_t *)base + offset) : load((const float *)base + offset);
-}
-
-static inline void store_any(void *base, int64_t offset, int bf16, vfloat v)
-{
-    if (bf16)
-        store_bf16((uint16_t *)base + offset, v);
-    else
-        store((float *)base + offset, v);
-}
+/* the inverted dropout applied after the pool (and ReLU) */
+typedef struct {
+    int on;                  /* 0: no dropout */
+    uint64_t seed;
+    uint32_t keep_threshold; /* keep an element whose lane is at least this */
+    float scale;             /* 1 / (1 - rate) */
+} dropout_t;
 
 /* a float vector rounded to bfloat16 and back (what a bfloat16 multiply gives) */
 static inline vfloat round_bf16(vfloat v) { return from_bf16(to_bf16(v)); }

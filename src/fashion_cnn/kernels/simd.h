@@ -1,6 +1,6 @@
 /* Sixteen-lane vectors (one AVX-512 register, two AVX2 ones) as GCC/Clang vector types, and
- * the float32 <-> bfloat16 conversions the kernels share. Included by conv1_pool.c and
- * max_pool.c.
+ * the float32 <-> bfloat16 conversions and dropout mask the kernels share. Included by
+ * conv1_pool.c, max_pool.c and dropout.c.
  */
 
 #ifndef FASHION_CNN_SIMD_H
@@ -55,33 +55,47 @@ static inline vfloat load_bf16(const uint16_t *p)
     return from_bf16(half);
 }
 
+/* LANES values at base + offset of a float32 tensor, or of a bfloat16 one where bf16 is 1 */
+static inline vfloat load_any(const void *base, int64_t offset, int bf16)
+{
+    return bf16 ? load_bf16((const uint16_t *)base + offset) : load((const float *)base + offset);
+}
+
+static inline void store_any(void *base, int64_t offset, int bf16, vfloat v)
+{
+    if (bf16)
+        store_bf16((uint16_t *)base + offset, v);
+    else
+        store((float *)base + offset, v);
+}
+
 /* where mask (all ones or all zeros per lane): a, else b */
 static inline vfloat pick(vint mask, vfloat a, vfloat b)
 {
     return (vfloat)(((vint)a & mask) | ((vint)b & ~mask));
 }
 
-/* An inverted dropout fused into a kernel (max_pool.c, conv1_pool.c) */
-typedef struct {
-    int on;                  /* 0: no dropout */
-    uint64_t seed;
-    uint32_t keep_threshold; /* keep an element whose lane is at least this */
-    float scale;             /* 1 / (1 - rate) */
-} dropout_t;
+/* The dropout mask (dropout.c has its definition): element e is kept by lane e % 4 of
+   word(e / 4) = splitmix64(seed + (e / 4 + 1) * MASK_GOLDEN), splitmix64's output function
+   being MASK_MIX on a vector of 64-bit words (any width: dropout.c mixes 16 words at a time,
+   the fused kernels 4). */
+#define MASK_GOLDEN 0x9E3779B97F4A7C15ULL
+#define MASK_MIX(z)                                    \
+    do {                                               \
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;   \
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;   \
+        z = z ^ (z >> 31);                             \
+    } while (0)
 
-/* The dropout mask lanes of the LANES elements [first, first + LANES), first a multiple of 4:
-   the lanes dropout.c gives them (see its definition), element e's being lane e % 4 of
-   word(e / 4) = splitmix64(seed + (e / 4 + 1) * 0x9E3779B97F4A7C15). */
 typedef uint64_t vword4 __attribute__((vector_size(4 * sizeof(uint64_t))));
 
+/* The mask lanes of the LANES elements [first, first + LANES), first a multiple of 4 */
 static inline vhalf dropout_lanes16(uint64_t seed, int64_t first)
 {
-    const uint64_t golden = 0x9E3779B97F4A7C15ULL, i = (uint64_t)first / 4 + 1;
-    vword4 z = {seed + i * golden, seed + (i + 1) * golden, seed + (i + 2) * golden,
-                seed + (i + 3) * golden};
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z = z ^ (z >> 31);
+    const uint64_t i = (uint64_t)first / 4 + 1;
+    vword4 z = {seed + i * MASK_GOLDEN, seed + (i + 1) * MASK_GOLDEN,
+                seed + (i + 2) * MASK_GOLDEN, seed + (i + 3) * MASK_GOLDEN};
+    MASK_MIX(z);
     vhalf lanes;
     memcpy(&lanes, &z, sizeof lanes);  /* little-endian: lane l of word q is element 4q + l */
     return lanes;
