@@ -231,16 +231,21 @@ def compare_model(model: str, seed: int, args, data, precisions: list[str],
     for side in sides:
         side.finish()
         summary["sides"][side.name] = side_summary(side)
-    keras = summary["sides"].get("keras")
-    summary["speedup_vs_keras"] = {}
-    summary["accuracy_minus_keras"] = {}
-    if keras:
-        for p in precisions:
-            ours = summary["sides"][f"ours-{p}"]
-            summary["speedup_vs_keras"][p] = (keras["median_epoch_seconds"]
-                                              / ours["median_epoch_seconds"])
-            summary["accuracy_minus_keras"][p] = ours["test_accuracy"] - keras["test_accuracy"]
+    summary.update(versus_keras(summary["sides"]))
     return summary
+
+
+def versus_keras(sides: dict) -> dict:
+    """speedup_vs_keras (Keras' median epoch / ours) and accuracy_minus_keras per precision of
+    this project's sides; both empty without a Keras side."""
+    keras = sides.get("keras")
+    if keras is None:
+        return {"speedup_vs_keras": {}, "accuracy_minus_keras": {}}
+    ours = {name.removeprefix("ours-"): side for name, side in sides.items() if name != "keras"}
+    return {"speedup_vs_keras": {p: keras["median_epoch_seconds"] / side["median_epoch_seconds"]
+                                 for p, side in ours.items()},
+            "accuracy_minus_keras": {p: side["test_accuracy"] - keras["test_accuracy"]
+                                     for p, side in ours.items()}}
 
 
 def pool_seeds(runs: list[dict]) -> dict:
@@ -257,15 +262,7 @@ def pool_seeds(runs: list[dict]) -> dict:
             "test_accuracy": float(np.mean(accuracies)),
             "test_accuracy_sd": float(np.std(accuracies, ddof=1)) if len(runs) > 1 else 0.0,
             "test_accuracies": accuracies}
-    keras = pooled["sides"].get("keras")
-    pooled["speedup_vs_keras"], pooled["accuracy_minus_keras"] = {}, {}
-    for name, side in pooled["sides"].items():
-        if keras and name != "keras":
-            precision = name.removeprefix("ours-")
-            pooled["speedup_vs_keras"][precision] = (keras["median_epoch_seconds"]
-                                                     / side["median_epoch_seconds"])
-            pooled["accuracy_minus_keras"][precision] = (side["test_accuracy"]
-                                                         - keras["test_accuracy"])
+    pooled.update(versus_keras(pooled["sides"]))
     return pooled
 
 

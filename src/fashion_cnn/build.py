@@ -321,6 +321,12 @@ def _layer(spec: LayerSpec, regularized: list) -> nn.Module:
     return nn.Sequential(module, activation) if activation is not None else module
 
 
+def _with_relu(layer: nn.Module) -> bool:
+    """Whether `layer` is a (module, ReLU) pair, as _layer builds a layer with
+    activation="relu" and _pool_before_relu a pool followed by the ReLU."""
+    return isinstance(layer, nn.Sequential) and len(layer) == 2 and isinstance(layer[1], nn.ReLU)
+
+
 def _pool_before_relu(layers: nn.ModuleList) -> None:
     """Conv2D(relu) then MaxPooling2D: apply the ReLU after the pool instead.
 
@@ -330,18 +336,14 @@ def _pool_before_relu(layers: nn.ModuleList) -> None:
     """
     for i in range(len(layers) - 1):
         conv, pool = layers[i], layers[i + 1]
-        if (isinstance(conv, nn.Sequential) and len(conv) == 2 and isinstance(conv[1], nn.ReLU)
-                and isinstance(pool, nn.MaxPool2d)):
+        if _with_relu(conv) and isinstance(pool, nn.MaxPool2d):
             layers[i] = conv[0]
             layers[i + 1] = nn.Sequential(pool, nn.ReLU())
 
 
 def _is_pool_block(layer: nn.Module) -> bool:
     """A 2x2 max pool that kernels.max_pool2 computes, alone or as (pool, ReLU)."""
-    if isinstance(layer, nn.Sequential):
-        return (len(layer) == 2 and kernels.pool_eligible(layer[0])
-                and isinstance(layer[1], nn.ReLU))
-    return kernels.pool_eligible(layer)
+    return kernels.pool_eligible(layer[0] if _with_relu(layer) else layer)
 
 
 def _dropout_after(layers: nn.ModuleList, i: int) -> Dropout | None:
@@ -365,23 +367,20 @@ class KerasSequential(nn.Module):
         # layer indices i where layers i and i+1 are conv -> (pool, ReLU), a block that
         # kernels.conv1_pool_relu computes in one pass (the same parameters, the same results)
         self.fusable = [i for i in range(len(self.layers) - 1)
-                        if isinstance(self.layers[i + 1], nn.Sequential)
-                        and len(self.layers[i + 1]) == 2
-                        and isinstance(self.layers[i + 1][1], nn.ReLU)
+                        if _with_relu(self.layers[i + 1])
                         and kernels.eligible(self.layers[i], self.layers[i + 1][0])]
         # layer index i -> (relu, dropout) where layer i is a 2x2 max pool (or a pool then
         # ReLU) that kernels.max_pool2 computes, with the Dropout layer i+1 fused in, or None
-        self.pools = {i: (isinstance(layer, nn.Sequential), _dropout_after(self.layers, i))
+        self.pools = {i: (_with_relu(layer), _dropout_after(self.layers, i))
                       for i, layer in enumerate(self.layers) if _is_pool_block(layer)}
         # layer indices i where layer i is (module, ReLU) and layer i+1 a Flatten: forward()
         # applies the ReLU after the Flatten (equal values and gradients). For a channels_last
         # input the Flatten copies into (C, H, W) order, and its gradient comes back in that
         # order: a ReLU before it would take its backward pass across two memory layouts,
         # element by element (about 70 us of a seed model2 step at batch 32).
-        self.relu_after_flatten = {
-            i for i in range(len(self.layers) - 1)
-            if isinstance(self.layers[i], nn.Sequential) and len(self.layers[i]) == 2
-            and isinstance(self.layers[i][1], nn.ReLU) and isinstance(self.layers[i + 1], Flatten)}
+        self.relu_after_flatten = {i for i in range(len(self.layers) - 1)
+                                   if _with_relu(self.layers[i])
+                                   and isinstance(self.layers[i + 1], Flatten)}
         self.use_fused_kernels = True  # False: run every layer through PyTorch
 
     @property
