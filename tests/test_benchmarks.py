@@ -123,3 +123,15 @@ def test_vs_keras_smoke_with_keras(tmp_path):
         pytest.skip(f"{venv} is not set up: python benchmarks/vs_keras.py --setup-only")
     result, _ = run_smoke("vs_keras", tmp_path)
     check_vs_keras(result, with_keras=True)
+
+
+def test_photo_like_smoke(tmp_path):
+    result, stdout = run_smoke("photo_like", tmp_path)
+    assert result["benchmark"] == "photo_like" and result["images"] == 50
+    assert [v["variant"] for v in result["variants"]] == [
+        "navy on light grey", "red on white, wide", "white on dark grey"]
+    for variant in result["variants"]:
+        assert 0 <= variant["accuracy"] <= 1 and 0 <= variant["agreement"] <= 1
+    # a light background is detected and negated; a dark one is not
+    assert [v["inverted_fraction"] for v in result["variants"]] == [1.0, 1.0, 0.0]
+    assert "agrees with original" in stdout

@@ -8,6 +8,7 @@
 from .build import build_model
 from .config import RunConfig
 from .data import CLASS_NAMES, load_data, make_splits
+from .predict import predict_files
 from .run import evaluate_run, load_model, resolve_config, resume, train
 from .spec import parse_spec, summary
 from .train import Trainer, evaluate
@@ -15,6 +16,6 @@ from .zoo import get_model_spec, list_models, list_recipes, load_config
 
 __all__ = ["CLASS_NAMES", "RunConfig", "Trainer", "build_model", "evaluate", "evaluate_run",
            "get_model_spec", "list_models", "list_recipes", "load_config", "load_data",
-           "load_model", "make_splits", "parse_spec", "resolve_config", "resume", "summary",
-           "train"]
+           "load_model", "make_splits", "parse_spec", "predict_files", "resolve_config", "resume",
+           "summary", "train"]
 __version__ = "0.1.0"

@@ -188,6 +188,36 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from .predict import predict_files, save_inputs
+
+    if args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}")
+    results = predict_files(args.run_dir, args.images, checkpoint=args.checkpoint,
+                            invert=args.invert, tta=args.tta)
+    if args.save_inputs:
+        written = save_inputs(results, args.save_inputs)
+        print(f"Wrote {len(written)} model inputs (28x28 PNG) to {args.save_inputs}",
+              file=sys.stderr)
+    failed = [r for r in results if r.error is not None]
+    if args.json:
+        print(json.dumps([r.to_dict(args.top) for r in results], indent=2))
+    else:
+        width = max([len("image")] + [len(r.path) for r in results if r.error is None])
+        if len(failed) < len(results):
+            print(f"{'image':<{width}}  {'prediction':<12} {'prob.':>6}  next")
+        for r in results:
+            if r.error is not None:
+                continue
+            (name, p), rest = r.top(1)[0], r.top(args.top)[1:]
+            others = ", ".join(f"{n} {q:.3f}" for n, q in rest)
+            print(f"{r.path:<{width}}  {name:<12} {p:6.3f}  {others}"
+                  + ("  (inverted)" if r.inverted else ""))
+    for r in failed:
+        print(f"fashion-cnn: error: {r.error}", file=sys.stderr)
+    return 2 if failed else 0
+
+
 def cmd_augment_preview(args) -> int:
     from .plots import augmentation_preview
 
@@ -275,6 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "one-pixel shifts (shift) or its mirror image (flip; for models trained "
                         "with horizontal_flip); default: the run's own [train] tta")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify image files (photos or 28x28 images) with a run")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="PNG, JPEG, WebP, ... files; photos are trimmed, resized to 28x28 and "
+                        "made a light garment on black, as Fashion-MNIST's images were")
+    p.add_argument("--checkpoint", help="a checkpoint name or epoch number instead of the final weights")
+    p.add_argument("--top", type=int, default=3, help="classes to show per image (default 3)")
+    p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
+                   help="negate the image: auto (default) where its border is light, as a "
+                        "photo on a white background")
+    p.add_argument("--tta", choices=CHOICES[("train", "tta")], default=None,
+                   help="test-time augmentation (default: the run's own)")
+    p.add_argument("--save-inputs", metavar="DIR",
+                   help="also write each 28x28 model input as a PNG here (what the model saw)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("augment-preview", help="grid of original vs augmented training images")
     p.add_argument("recipe")
