@@ -218,6 +218,20 @@ def cmd_predict(args) -> int:
     return 2 if failed else 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_onnx
+
+    result = export_onnx(args.run_dir, args.out, checkpoint=args.checkpoint,
+                         check=not args.no_check)
+    print(f"Wrote {result.path} ({result.size_bytes / 1024:.0f} KiB, ONNX opset 18): input "
+          f"'pixels' uint8 (N, 28, 28); outputs 'logits' and 'probabilities' float32 (N, 10)")
+    if result.max_difference is not None:
+        print(f"Checked with onnxruntime {result.onnxruntime_version} on "
+              f"{result.checked_images} images: probabilities within "
+              f"{result.max_difference:.1e} of PyTorch's")
+    return 0
+
+
 def cmd_augment_preview(args) -> int:
     from .plots import augmentation_preview
 
@@ -322,6 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write each 28x28 model input as a PNG here (what the model saw)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a run's model as ONNX (checked with onnxruntime)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="the .onnx file (default RUN_DIR/model.onnx)")
+    p.add_argument("--checkpoint", help="a checkpoint name or epoch number instead of the final weights")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the comparison with PyTorch in onnxruntime")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("augment-preview", help="grid of original vs augmented training images")
     p.add_argument("recipe")

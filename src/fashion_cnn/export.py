@@ -1,0 +1,152 @@
+"""Export a trained run to ONNX, for inference without this package or PyTorch.
+
+The exported graph takes Fashion-MNIST's own format and does the rest itself:
+
+    input  "pixels"         uint8 (N, 28, 28), 0 = background, 255 = brightest (any batch size)
+    output "logits"         float32 (N, 10), in CLASS_NAMES order
+    output "probabilities"  float32 (N, 10), their softmax (what Keras' model.predict returns)
+
+inside: the seed's scaling (pixels / 128 - 0.5), the run's padding, then the network in
+inference mode (Dropout off, BatchNorm with its running statistics), in float32. It is written
+with torch.onnx's exporter (torch.export, ONNX opset 18) into one self-contained file, and then
+checked: onnxruntime runs it on a batch of images and must give PyTorch's probabilities.
+Photos need `fashion_cnn.predict.to_fashion_mnist` (or the same steps) first.
+
+>>> from fashion_cnn.export import export_onnx
+>>> result = export_onnx("runs/fast-20261130-101500")            # doctest: +SKIP
+>>> result.path, result.max_difference                            # doctest: +SKIP
+(PosixPath('runs/fast-20261130-101500/model.onnx'), 2.4e-07)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import fileio
+from .data import IMAGE_SIZE
+from .errors import UserError
+
+OPSET = 18
+# The check passes when onnxruntime's probabilities are within this of PyTorch's (float32
+# arithmetic in another order: differences of about 1e-7 are usual).
+CHECK_TOLERANCE = 1e-4
+CHECK_IMAGES = 64
+INSTALL_HINT = "pip install 'fashion-cnn[export]' (onnx, onnxscript, onnxruntime)"
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    size_bytes: int
+    max_difference: float | None  # onnxruntime vs PyTorch, max |probability difference|
+    checked_images: int
+    onnxruntime_version: str | None
+
+
+class PixelsToProbabilities(torch.nn.Module):
+    """uint8 pixels (N, 28, 28) -> (logits, probabilities), with the run's scaling and padding."""
+
+    def __init__(self, model: torch.nn.Module, pad: int, pad_value: float):
+        super().__init__()
+        self.model, self.pad, self.pad_value = model, pad, pad_value
+
+    def forward(self, pixels: torch.Tensor):
+        x = pixels.float().div(128.0).sub(0.5).unsqueeze(1)  # (N, 1, 28, 28), as data.to_tensor
+        if self.pad:
+            x = F.pad(x, (self.pad,) * 4, value=self.pad_value)
+        logits = self.model(x)
+        return logits, torch.softmax(logits, dim=1)
+
+
+def _require(module: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise UserError(f"export needs the {module} package: {INSTALL_HINT}") from None
+
+
+def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                checkpoint: str | None = None, check: bool = True) -> ExportResult:
+    """Write the run's model (final weights, or a checkpoint's) as ONNX to `out` (default
+    RUN_DIR/model.onnx), atomically; with `check`, compare onnxruntime's output with
+    PyTorch's on CHECK_IMAGES images and raise if they differ by more than CHECK_TOLERANCE."""
+    from .run import load_model
+
+    _require("onnxscript")
+    if check:
+        _require("onnxruntime")
+    config, model = load_model(run_dir, checkpoint)
+    model.use_fused_kernels = False  # the C kernels are opaque to the exporter
+    wrapper = PixelsToProbabilities(model, config.pad, config.data.pad_value).eval()
+    path = Path(out) if out is not None else Path(run_dir) / "model.onnx"
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give a file name such as {path / 'model.onnx'}")
+    example = torch.zeros((2, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+
+    checked: dict = {}
+
+    def write(tmp: Path) -> None:
+        # the exporter reports its progress on stdout, and warns and logs about its own
+        # internals (deprecations, torchvision's ops it skips)
+        logger = logging.getLogger("torch.onnx")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                torch.onnx.export(wrapper, (example,), str(tmp), input_names=["pixels"],
+                                  output_names=["logits", "probabilities"], opset_version=OPSET,
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                  external_data=False, verbose=False, dynamo=True)
+        finally:
+            logger.setLevel(level)
+        if check:  # before the rename: a file that fails it never takes `path`'s place
+            checked["result"] = check_onnx(tmp, wrapper, name=path)
+
+    try:
+        fileio.write_with(path, write)
+    except UserError:
+        raise
+    except Exception as exc:  # the exporter's own failures: say what, in one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}: the ONNX export failed ({type(exc).__name__}: {first})") from None
+    result = ExportResult(path, path.stat().st_size, None, 0, None)
+    if check:
+        result.max_difference, result.checked_images, result.onnxruntime_version = \
+            checked["result"]
+    return result
+
+
+def check_onnx(path: str | os.PathLike, wrapper: torch.nn.Module, images: int = CHECK_IMAGES,
+               name: str | os.PathLike | None = None) -> tuple[float, int, str]:
+    """Run the ONNX file in onnxruntime on `images` pixel images (random, and an all-black one)
+    and compare its probabilities with `wrapper`'s; (max |difference|, images, ort version).
+    `name`: the file's name in error messages (default `path`)."""
+    name = path if name is None else name
+    ort = _require("onnxruntime")
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (images, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8,
+                           generator=generator)
+    pixels[0] = 0  # an empty image: the background alone
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, probabilities = session.run(["logits", "probabilities"], {"pixels": pixels.numpy()})
+    with torch.inference_mode():
+        expected = wrapper(pixels)[1].numpy()
+    if logits.shape != (images, expected.shape[1]):
+        raise UserError(f"{name}: onnxruntime returned logits of shape {logits.shape}, "
+                        f"expected {(images, expected.shape[1])}")
+    difference = float(np.abs(probabilities - expected).max())
+    if not difference <= CHECK_TOLERANCE:
+        raise UserError(f"{name}: onnxruntime's probabilities differ from PyTorch's by "
+                        f"{difference:.2e} (more than {CHECK_TOLERANCE:g}); nothing written")
+    return difference, images, ort.__version__
