@@ -107,6 +107,14 @@ def cmd_models(args) -> int:
     for name in list_recipes():
         cfg = load_config(name)
         print(f"{name:<16}{cfg.model.name:<12}{cfg.train.epochs:>7}  {cfg.description}")
+    from .zoo import list_searches, search_path
+    from .config import read_toml
+
+    print(f"\n{'search space':<16}{'recipe':<12}{'params':>7}  description (fashion-cnn tune)")
+    for name in list_searches():
+        raw = read_toml(search_path(name))  # as written; `tune` validates it in full
+        print(f"{name:<16}{raw.get('recipe', ''):<12}{len(raw.get('params', {})):>7}  "
+              f"{raw.get('description', '')}")
     return 0
 
 
@@ -232,6 +240,35 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .search import tune
+
+    overrides = {}
+    if args.threads is not None:
+        overrides["train.threads"] = args.threads
+    if args.subset is not None:
+        overrides["data.subset"] = args.subset
+    for item in args.set or []:
+        key, value = _parse_set(item)
+        overrides[key] = value
+    result = tune(args.space, trials=args.trials, timeout=args.timeout, out=args.out,
+                  storage=args.storage, study_name=args.study_name, seed=args.seed,
+                  prune=not args.no_prune, progress=not args.quiet, **overrides)
+    if result.best_trial is None:
+        print(f"No trial finished; trials so far in {result.out_dir / 'trials.csv'}")
+    else:
+        print(f"Best of {result.trials} trials (study {result.study_name!r}): trial "
+              f"{result.best_trial}, {result.best_value:.4f}: "
+              + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in result.best_params.items()))
+        print(f"Retrain it: fashion-cnn train {result.out_dir / 'best.toml'}   "
+              f"(all trials: {result.out_dir / 'trials.csv'})")
+    if result.interrupted:
+        print("fashion-cnn: interrupted; the trials above are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
 def cmd_augment_preview(args) -> int:
     from .plots import augmentation_preview
 
@@ -344,6 +381,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true",
                    help="skip the comparison with PyTorch in onnxruntime")
     p.set_defaults(func=cmd_export)
+
+    from .zoo import list_searches
+
+    p = sub.add_parser("tune", help="search a recipe's settings with Optuna, judged on validation")
+    p.add_argument("space", help="built-in search space (one of: " + ", ".join(list_searches())
+                                 + ") or path to a search .toml")
+    p.add_argument("--trials", type=int, help="trials to run (this process)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="start no trial after this many seconds")
+    p.add_argument("--out", help="folder for trials.csv, best.toml, space.toml "
+                                 "(default runs/tune-<space>-<time>)")
+    p.add_argument("--storage", metavar="FILE",
+                   help="Optuna journal file (or an RDB URL) shared by several processes "
+                        "working on one study; default: in memory")
+    p.add_argument("--study-name", help="default: the space's name")
+    p.add_argument("--seed", type=int, help="the sampler's seed (default 0; with --storage, "
+                                            "each process draws its own)")
+    p.add_argument("--no-prune", action="store_true", help="train every trial to the end")
+    p.add_argument("--threads", type=int, help="CPU threads per trial")
+    p.add_argument("--subset", type=int, help="use the first N training images")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="fix a setting for every trial, e.g. --set train.epochs=3")
+    p.add_argument("--quiet", action="store_true", help="no line per trial")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("augment-preview", help="grid of original vs augmented training images")
     p.add_argument("recipe")

@@ -33,6 +33,10 @@ def list_studies() -> list[str]:
     return _names("studies")
 
 
+def list_searches() -> list[str]:
+    return _names("searches")
+
+
 def _looks_like_path(name: str) -> bool:
     return name.endswith(".toml") or "/" in name
 
@@ -67,10 +71,21 @@ def load_config(name: str) -> RunConfig:
                     f"recipes: {', '.join(list_recipes())} (or give a path to a .toml file)")
 
 
-def study_path(name: str) -> Path:
+def _file_in(folder: str, what: str, name: str) -> Path:
+    """zoo/<folder>/<name>.toml for a built-in name, or `name` itself where it is a path."""
     if _looks_like_path(name):
         return Path(name)
-    if name not in list_studies():
-        raise SpecError(f"unknown study {name!r}; built-in studies: {', '.join(list_studies())} "
-                        f"(or give a path to a study .toml)")
-    return ZOO / "studies" / f"{name}.toml"
+    if name not in _names(folder):
+        raise SpecError(f"unknown {what} {name!r}; built-in {folder}: "
+                        f"{', '.join(_names(folder))} (or give a path to a {what} .toml)")
+    return ZOO / folder / f"{name}.toml"
+
+
+def study_path(name: str) -> Path:
+    """A built-in study (zoo/studies) by name, or a TOML file by path."""
+    return _file_in("studies", "study", name)
+
+
+def search_path(name: str) -> Path:
+    """A built-in search space (zoo/searches) by name, or a TOML file by path."""
+    return _file_in("searches", "search space", name)

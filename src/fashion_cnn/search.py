@@ -1,0 +1,382 @@
+"""Hyperparameter search with Optuna: a recipe, a search space declared in TOML, and the
+validation split as the judge (never the test set).
+
+A search space (zoo/searches/*.toml, or any file) names a recipe, the objective, settings fixed
+for every trial, and the settings to search, in the config's own names:
+
+    recipe = "fast"
+    objective = "val_accuracy"            # of the last epoch; val_loss is minimized
+    [set]
+    "data.validation_split" = 0.1         # held-out images to judge by
+    [params."train.lr"]
+    type = "float"                        # float | int | categorical
+    low = 0.05
+    high = 0.8
+    log = true
+
+Each trial trains the recipe with sampled settings (Optuna's TPE sampler, seeded), reports the
+objective after every epoch, and is stopped early when the median rule says it cannot win
+(Optuna's MedianPruner, from the second epoch on, never in the last). After each trial the output folder gets `trials.csv` (every trial of
+the study), `best.toml` (the best trial's whole config: `fashion-cnn train best.toml` retrains
+it, with the recipe's own validation split set back if you wish) and `space.toml` (the search
+space as run). With `storage`, a journal file, several processes (on one machine or sharing a
+file system) work on one study together: start the same command in each.
+
+>>> from fashion_cnn.search import tune
+>>> result = tune("fast", trials=12)                          # doctest: +SKIP
+>>> result.best_trial, round(result.best_value, 4)            # doctest: +SKIP
+(2, 0.9308)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from . import fileio
+from .config import read_toml, to_toml
+from .errors import SpecError, TrainingStopped, UserError
+
+OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
+PARAM_TYPES = ("float", "int", "categorical")
+INSTALL_HINT = "pip install optuna (make installs it)"
+
+
+@dataclass
+class SearchSpace:
+    name: str
+    recipe: str
+    objective: str = "val_accuracy"
+    description: str = ""
+    fixed: dict = field(default_factory=dict)   # "section.key" -> value, for every trial
+    params: dict = field(default_factory=dict)  # "section.key" -> {type, low, high, ...}
+    source: str = ""
+
+    @property
+    def direction(self) -> str:
+        return OBJECTIVES[self.objective]
+
+
+@dataclass
+class TuneResult:
+    out_dir: Path
+    study_name: str
+    trials: int           # finished trials of the study (complete, pruned or failed)
+    best_value: float | None
+    best_params: dict
+    best_trial: int | None
+    interrupted: bool = False
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise UserError(f"tune needs the optuna package: {INSTALL_HINT}") from None
+    return optuna
+
+
+def _check_param(where: str, spec) -> dict:
+    if not isinstance(spec, dict):
+        raise SpecError(f"{where}: expected a table with type = float | int | categorical")
+    kind = spec.get("type")
+    if kind not in PARAM_TYPES:
+        raise SpecError(f"{where}: type must be one of {', '.join(PARAM_TYPES)}, got {kind!r}")
+    allowed = {"float": {"type", "low", "high", "log", "step"},
+               "int": {"type", "low", "high", "log", "step"},
+               "categorical": {"type", "choices"}}[kind]
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise SpecError(f"{where}: unknown key {unknown[0]!r} for type {kind!r} "
+                        f"(allowed: {', '.join(sorted(allowed))})")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise SpecError(f"{where}: choices must be a non-empty list")
+        return spec
+    number = int if kind == "int" else (int, float)
+    for key in ("low", "high"):
+        value = spec.get(key)
+        if not isinstance(value, number) or isinstance(value, bool):
+            raise SpecError(f"{where}: {key} must be {'an integer' if kind == 'int' else 'a number'}")
+    if not spec["low"] <= spec["high"]:
+        raise SpecError(f"{where}: low ({spec['low']}) must not exceed high ({spec['high']})")
+    if spec.get("log") and spec["low"] <= 0:
+        raise SpecError(f"{where}: log = true needs low > 0")
+    if spec.get("log") and spec.get("step") is not None:
+        raise SpecError(f"{where}: log and step cannot be combined")
+    return spec
+
+
+def parse_space(raw: dict, name: str, source: str) -> SearchSpace:
+    """A SearchSpace from parsed TOML; every mistake is one SpecError naming `source`."""
+    known = {"recipe", "objective", "description", "set", "params"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SpecError(f"{source}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(known))})")
+    if not isinstance(raw.get("recipe"), str):
+        raise SpecError(f"{source}: recipe = \"...\" is required (the recipe or model to tune)")
+    objective = raw.get("objective", "val_accuracy")
+    if objective not in OBJECTIVES:
+        raise SpecError(f"{source}: objective must be one of {', '.join(OBJECTIVES)}, "
+                        f"got {objective!r}")
+    params = raw.get("params")
+    if not isinstance(params, dict) or not params:
+        raise SpecError(f"{source}: [params] must name at least one setting to search")
+    fixed = raw.get("set", {})
+    if not isinstance(fixed, dict):
+        raise SpecError(f"{source}: [set] must be a table of \"section.key\" = value")
+    for key in list(fixed) + list(params):
+        if "." not in key:
+            raise SpecError(f"{source}: {key!r}: name settings as \"section.key\", "
+                            f"e.g. \"train.lr\"")
+    both = sorted(set(fixed) & set(params))
+    if both:
+        raise SpecError(f"{source}: {both[0]!r} is both fixed in [set] and searched in [params]")
+    checked = {key: _check_param(f"{source}: [params.\"{key}\"]", spec)
+               for key, spec in params.items()}
+    return SearchSpace(name, raw["recipe"], objective, raw.get("description", ""), dict(fixed),
+                       checked, source)
+
+
+def load_space(name_or_path: str) -> SearchSpace:
+    """A built-in search space by name (zoo/searches) or a TOML file by path."""
+    from .zoo import search_path
+
+    path = search_path(name_or_path)
+    space = parse_space(read_toml(path), path.stem, str(path))
+    check_space(space)
+    return space
+
+
+def check_space(space: SearchSpace) -> None:
+    """Resolve the recipe with the fixed settings and each parameter's bounds or choices, so
+    that an unknown setting or a value out of range fails before any training."""
+    from .run import resolve_config
+
+    for key, spec in space.params.items():
+        values = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
+        for value in values:
+            try:
+                cfg = resolve_config(space.recipe, **{**space.fixed, key: value})
+            except UserError as exc:
+                raise SpecError(f"{space.source}: {key} = {value!r}: {exc}") from None
+    cfg = resolve_config(space.recipe, **space.fixed)
+    if not cfg.data.validation_split:
+        raise SpecError(f"{space.source}: recipe {space.recipe!r} has no validation split, and "
+                        f"tuning must not judge by the test set; add \"data.validation_split\" "
+                        f"= 0.1 to [set]")
+
+
+def suggest(trial, space: SearchSpace) -> dict:
+    """The settings of one trial: Optuna's suggestion for each parameter of the space."""
+    values = {}
+    for key, spec in space.params.items():
+        if spec["type"] == "categorical":
+            values[key] = trial.suggest_categorical(key, spec["choices"])
+        elif spec["type"] == "int":
+            values[key] = trial.suggest_int(key, spec["low"], spec["high"],
+                                            step=spec.get("step", 1), log=spec.get("log", False))
+        else:
+            values[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]),
+                                              step=spec.get("step"), log=spec.get("log", False))
+    return values
+
+
+class ReportToTrial:
+    """Callback: report the objective to Optuna after each epoch; stop training when the
+    pruner says the trial cannot win."""
+
+    def __init__(self, trial, objective: str):
+        self.trial, self.objective = trial, objective
+        self.pruned_at: int | None = None
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        value = logs.get(self.objective)
+        if value is None or not math.isfinite(value):
+            return
+        self.trial.report(value, epoch + 1)
+        last = epoch + 1 >= trainer.config.train.epochs  # finished anyway: let it complete
+        if not last and self.trial.should_prune():
+            self.pruned_at = epoch + 1
+            trainer.stop_training = True
+            trainer.stop_reason = f"pruned by Optuna after epoch {epoch + 1}"
+
+
+class _Diverged(Exception):
+    """A trial whose loss became non-finite: Optuna records it as failed and goes on."""
+
+
+def _storage(optuna, storage: str | os.PathLike | None):
+    if storage is None:
+        return None
+    text = str(storage)
+    if "://" in text:  # an RDB URL (sqlite:///..., postgresql://...), as Optuna takes it
+        return text
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    try:
+        Path(text).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(text))
+    except OSError as exc:
+        raise UserError(fileio._describe_os_error(Path(text), exc)) from None
+
+
+def trials_csv(study, space: SearchSpace) -> str:
+    """Every trial of the study: number, state, objective, epochs, seconds, then each param."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    keys = list(space.params)
+    writer.writerow(["trial", "state", space.objective, "epochs", "seconds", *keys])
+    for t in study.get_trials(deepcopy=False):
+        value = t.value if t.value is not None else (
+            t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else "")
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_complete and t.datetime_start else ""
+        writer.writerow([t.number, t.state.name.lower(), value,
+                         max(t.intermediate_values) if t.intermediate_values else 0,
+                         f"{seconds:.1f}" if seconds != "" else "",
+                         *[t.params.get(k, "") for k in keys]])
+    return out.getvalue()
+
+
+def _best(study):
+    try:
+        return study.best_trial
+    except ValueError:  # no completed trial yet
+        return None
+
+
+def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float | None = None,
+         out: str | os.PathLike | None = None, storage: str | os.PathLike | None = None,
+         study_name: str | None = None, seed: int | None = None, prune: bool = True, data=None,
+         progress: bool = True, **overrides) -> TuneResult:
+    """Search `space` (a built-in name, a TOML path or a SearchSpace) for `trials` trials or
+    `timeout` seconds (at least one of them), judging each trial by its validation objective.
+
+    `overrides` ("section.key" = value) apply to every trial, over the space's [set] (e.g.
+    {"train.threads": 1} for one of several processes sharing a study). `seed` seeds the
+    sampler; by default 0, except with a shared `storage`, where each process must sample
+    differently and so draws its own.
+    """
+    from .data import load_data
+    from .perf import configure_runtime
+    from .run import resolve_config, splits_for
+    from .train import Trainer
+
+    optuna = _optuna()
+    if trials is None and timeout is None:
+        raise UserError("give the number of trials (--trials) or a time limit (--timeout), or both")
+    if trials is not None and trials < 1:
+        raise UserError(f"--trials must be at least 1, got {trials}")
+    if isinstance(space, str):
+        space = load_space(space)
+    space = replace(space, fixed={**space.fixed, **overrides})
+    check_space(space)
+    out_dir = Path(out) if out else Path("runs") / f"tune-{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(fileio._describe_os_error(out_dir, exc)) from None
+    fileio.write_text(out_dir / "space.toml", _space_toml(space))
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
+    study = optuna.create_study(
+        study_name=study_name or space.name, storage=_storage(optuna, storage),
+        load_if_exists=True, direction=space.direction,
+        sampler=optuna.samplers.TPESampler(seed=seed if seed is not None or storage else 0),
+        # a trial is judged from its second epoch on (the first says little under a warm-up),
+        # against the trials before it at the same epoch, once three have finished
+        pruner=(optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+                if prune else optuna.pruners.NopPruner()))
+    data = data if data is not None else load_data(resolve_config(space.recipe, **space.fixed)
+                                                   .data.data_dir or None)
+
+    def objective(trial):
+        sampled = suggest(trial, space)
+        cfg = resolve_config(space.recipe, **space.fixed, **sampled)
+        configure_runtime(cfg.train.threads)
+        report = ReportToTrial(trial, space.objective)
+        trainer = Trainer(cfg, splits_for(cfg, data), callbacks=[report])
+        try:
+            trainer.fit()
+        except TrainingStopped as stop:
+            if stop.exit_code == 3:  # non-finite loss: this setting diverges
+                trial.set_user_attr("fail_reason", "non-finite loss")
+                raise _Diverged(str(stop)) from None
+            raise
+        trial.set_user_attr("epochs", len(trainer.state.history))
+        if report.pruned_at is not None:
+            raise optuna.TrialPruned(f"pruned after epoch {report.pruned_at}")
+        value = trainer.state.history[-1][space.objective]
+        if not math.isfinite(value):
+            trial.set_user_attr("fail_reason", f"{space.objective} is {value}")
+            raise _Diverged(f"{space.objective} is {value}")
+        return value
+
+    def after_trial(study, trial):
+        best = _best(study)
+        if best is not None:
+            # the best trial may be another process's: its config follows from its params
+            config = resolve_config(space.recipe, **space.fixed, **best.params)
+            header = (f"# The best trial of search {space.name!r} (study {study.study_name!r}): "
+                      f"trial {best.number}, {space.objective} {best.value:.4f}\n"
+                      f"# Settings: {_params_text(best.params)}\n")
+            fileio.write_text(out_dir / "best.toml", header + to_toml(config))
+        fileio.write_text(out_dir / "trials.csv", trials_csv(study, space))
+        if progress:
+            print(_trial_line(trial, best, space), flush=True)
+
+    interrupted = False
+    try:
+        study.optimize(objective, n_trials=trials, timeout=timeout, catch=(_Diverged,),
+                       callbacks=[after_trial], gc_after_trial=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        fileio.write_text(out_dir / "trials.csv", trials_csv(study, space))
+    best = _best(study)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    return TuneResult(out_dir, study.study_name, len(done),
+                      best.value if best else None, dict(best.params) if best else {},
+                      best.number if best else None, interrupted)
+
+
+def _params_text(params: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in params.items())
+
+
+def _trial_line(trial, best, space: SearchSpace) -> str:
+    state = trial.state.name.lower()
+    if state == "complete":
+        what = f"{space.objective} {trial.value:.4f}"
+    elif state == "pruned":
+        last = max(trial.intermediate_values) if trial.intermediate_values else 0
+        what = f"pruned after epoch {last}"
+    else:
+        what = "failed (" + str(trial.user_attrs.get("fail_reason", "non-finite loss")) + ")"
+    seconds = ((trial.datetime_complete - trial.datetime_start).total_seconds()
+               if trial.datetime_complete and trial.datetime_start else 0.0)
+    tail = f"; best {best.value:.4f} (trial {best.number})" if best is not None else ""
+    return f"trial {trial.number}: {what} in {seconds:.0f} s [{_params_text(trial.params)}]{tail}"
+
+
+def _space_toml(space: SearchSpace) -> str:
+    """The space as run (the command's overrides folded into [set]), as TOML."""
+    from .config import _toml_value
+
+    lines = [f"# Search space {space.name!r} as run (from {space.source})",
+             f"recipe = {_toml_value(space.recipe)}", f"objective = {_toml_value(space.objective)}"]
+    if space.description:
+        lines.append(f"description = {_toml_value(space.description)}")
+    lines += ["", "[set]"] + [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in space.fixed.items()]
+    for key, spec in space.params.items():
+        lines += ["", f"[params.{_toml_value(key)}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in spec.items()]
+    return "\n".join(lines) + "\n"
