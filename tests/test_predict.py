@@ -83,6 +83,10 @@ def test_16_bit_and_float_grayscale_keep_their_range(tmp_path):
     Image.fromarray(sixteen).save(path)
     out, inverted = to_fashion_mnist(load_image(path), invert="no")
     assert np.abs(out.astype(int) - (sixteen / 257).round()).max() <= 1
+    eight_bit_in_32 = Image.fromarray(np.arange(28 * 28, dtype=np.int32).reshape(28, 28) % 256)
+    assert eight_bit_in_32.mode == "I"
+    out, _ = to_fashion_mnist(eight_bit_in_32, invert="no")
+    assert np.array_equal(out, np.arange(28 * 28).reshape(28, 28) % 256)
     floats = np.linspace(0, 1, 28 * 28, dtype=np.float32).reshape(28, 28)
     out, _ = to_fashion_mnist(Image.fromarray(floats), invert="no")
     assert out[0, 0] == 0 and out[-1, -1] == 255 and 120 <= out[14, 0] <= 135

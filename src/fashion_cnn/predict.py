@@ -91,7 +91,9 @@ def _grayscale(image) -> np.ndarray:
     from PIL import Image
 
     if image.mode.startswith("I"):  # 16-bit grayscale (PNG, TIFF): convert("L") would clip
-        values = np.asarray(image, dtype=np.float64) / 257.0
+        values = np.asarray(image, dtype=np.float64)
+        if values.max(initial=0.0) > 255:  # else 8-bit values kept in a wider mode
+            values = values / 257.0
         return np.clip(values, 0, 255).round().astype(np.uint8)
     if image.mode == "F":  # float grayscale (TIFF): taken as 0..1 where it fits, else 0..255
         values = np.nan_to_num(np.asarray(image, dtype=np.float64))
