@@ -135,13 +135,18 @@ def save_checkpoint(trainer, directory: str | os.PathLike, kind: str = "epoch") 
         "rng.augment": trainer.augment_gen.get_state(),
         "sums": s.sums,
     }
+    processes = getattr(trainer, "world", 1)
+    if processes > 1:  # the other processes' generators (distributed.py)
+        for rank, states in enumerate(trainer.process_rng_states[1:], start=1):
+            state_tensors[f"rng.global.{rank}"] = states["global"]
+            state_tensors[f"rng.augment.{rank}"] = states["augment"]
     if s.perm is not None:
         state_tensors["perm"] = s.perm
     meta = {
         "format": FORMAT, "kind": kind, "epoch": s.epoch, "step": s.step,
         "batch_in_epoch": s.batch_in_epoch, "cursor": s.cursor, "epoch_seconds": s.epoch_seconds,
         "history": s.history, "config_fingerprint": trainer.config.fingerprint(),
-        "optimizer": opt_meta,
+        "optimizer": opt_meta, "processes": processes,
     }
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
@@ -243,6 +248,8 @@ def _validate_meta(meta, meta_path: Path) -> None:
              and all(isinstance(h, dict) for h in meta["history"]), meta_path, "history")
     _require(len(meta["history"]) == meta["epoch"], meta_path, "history length != epoch")
     _require(isinstance(meta.get("config_fingerprint"), str), meta_path, "config_fingerprint")
+    _require(_is_int(meta.get("processes", 1)) and meta.get("processes", 1) >= 1, meta_path,
+             "processes is not a count")
     opt = meta.get("optimizer")
     _require(isinstance(opt, dict) and isinstance(opt.get("param_groups"), list)
              and all(isinstance(g, dict) for g in opt["param_groups"])
@@ -286,6 +293,12 @@ def load_checkpoint(trainer, directory: str | os.PathLike) -> dict:
     if meta["config_fingerprint"] != trainer.config.fingerprint():
         raise CheckpointError(f"{directory}: was written by a run with a different configuration "
                               f"(only --epochs may change on resume)")
+    processes, rank = meta.get("processes", 1), getattr(trainer, "rank", 0)
+    if processes != getattr(trainer, "world", 1):
+        how = ("without torchrun" if processes == 1 else
+               f"with torchrun --nproc-per-node {processes} (in all, over its nodes)")
+        raise CheckpointError(f"{directory}: was written by {processes} training process"
+                              f"{'es' if processes > 1 else ''}; continue it {how}")
     load_weights(trainer.model, directory / "model.safetensors")
     state_path = directory / "state.safetensors"
     tensors = _read_safetensors(state_path)
@@ -299,9 +312,10 @@ def load_checkpoint(trainer, directory: str | os.PathLike) -> dict:
         if meta["cursor"] > n or meta["batch_in_epoch"] >= trainer.steps_per_epoch:
             raise ValueError("position beyond the end of an epoch")
         trainer.optimizer.load_state_dict(_optimizer_join(tensors, meta["optimizer"]))
-        torch.set_rng_state(tensors["rng.global"])
+        suffix = f".{rank}" if rank else ""  # this process's own generators
+        torch.set_rng_state(tensors["rng.global" + suffix])
         trainer.shuffle_gen.set_state(tensors["rng.shuffle"])
-        trainer.augment_gen.set_state(tensors["rng.augment"])
+        trainer.augment_gen.set_state(tensors["rng.augment" + suffix])
     except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, IndexError) as exc:
         raise CheckpointError(f"{state_path}: training state does not fit this run "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
@@ -311,7 +325,8 @@ def load_checkpoint(trainer, directory: str | os.PathLike) -> dict:
     s.batch_in_epoch, s.cursor = meta["batch_in_epoch"], meta["cursor"]
     s.epoch_seconds = float(meta["epoch_seconds"])
     s.perm = perm
-    s.sums = sums.clone()
+    # several processes: process 0 holds the sums of the unfinished epoch for all of them
+    s.sums = sums.clone() if rank == 0 else torch.zeros_like(sums)
     s.history = list(meta["history"])
     return meta
 

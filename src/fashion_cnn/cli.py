@@ -157,6 +157,8 @@ def _without_epochs(cfg, run_dir):
 
 
 def _print_result(result) -> None:
+    if not result.metrics:  # one of several training processes: process 0 reports
+        return
     m = result.metrics
     print(f"Test accuracy: {m['test_accuracy']:.4f} (loss {m['test_loss']:.4f}) after "
           f"{m['epochs']} epochs, {m['train_seconds']:.1f} s of training")
@@ -240,8 +242,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _one_process(command: str, instead: str) -> None:
+    """Commands that are not data-parallel refuse torchrun's several processes."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"{command} runs as one process, not under torchrun; {instead}")
+
+
 def cmd_tune(args) -> int:
     from .search import tune
+
+    _one_process("tune", "to search with several processes, start `fashion-cnn tune` in each "
+                         "with one --storage file")
 
     overrides = {}
     if args.threads is not None:
@@ -296,6 +309,8 @@ def cmd_compare(args) -> int:
 
 def cmd_study(args) -> int:
     from .study import print_study_result, run_study
+
+    _one_process("study", "train a recipe under torchrun instead")
 
     result = run_study(args.study, args.out, epochs_scale=args.epochs_scale, subset=args.subset,
                        repeats=args.repeats, progress=not args.quiet)
@@ -448,13 +463,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .distributed import is_main, shutdown  # several processes (torchrun): process 0 speaks
+
     try:
-        return args.func(args)
+        code = args.func(args)
+        shutdown(succeeded=code == 0)
+        return code
     except UserError as exc:
-        print(f"fashion-cnn: error: {exc}", file=sys.stderr)
+        if is_main():
+            print(f"fashion-cnn: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except TrainingStopped as exc:
-        print(f"fashion-cnn: {exc}", file=sys.stderr)
+        if is_main():
+            print(f"fashion-cnn: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("fashion-cnn: interrupted", file=sys.stderr)

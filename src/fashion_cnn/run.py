@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import fileio
+from . import distributed, fileio
 from .build import KerasSequential, build_model
 from .callbacks import (EarlyStopping, HistoryWriter, ModelCheckpoint, ProgressBar, best_epoch,
                         check_options)
@@ -225,12 +225,31 @@ def _run(trainer: Trainer, run_dir: Path, plots: bool) -> RunResult:
             trainer.fit()
         except TrainingStopped as stop:
             if trainer.interrupt_checkpoint is not None:  # a signal: say how to go on
+                launch = ("fashion-cnn" if trainer.world == 1 else
+                          f"torchrun --nproc-per-node {trainer.world} -m fashion_cnn")
                 raise TrainingStopped(f"{stop}; checkpoint written to "
                                       f"{trainer.interrupt_checkpoint}; continue with: "
-                                      f"fashion-cnn resume {shlex.quote(str(run_dir))}",
+                                      f"{launch} resume {shlex.quote(str(run_dir))}",
                                       stop.exit_code) from None
             raise
+    if not distributed.is_main():  # process 0 evaluates, writes and reports
+        return RunResult(run_dir, trainer.config, trainer.model, trainer.state.history, {})
     return _finish(trainer, run_dir, already + time.perf_counter() - start, plots)
+
+
+def _on_main(action):
+    """Run `action` on process 0 only (all of it, in a single process); a UserError it raises
+    is raised on every process. Its result, on every process."""
+    result, error = None, None
+    if distributed.is_main():
+        try:
+            result = action()
+        except UserError as exc:
+            error = str(exc)
+    error = distributed.first_error(error)
+    if error is not None:
+        raise UserError(error)
+    return distributed.broadcast(result)
 
 
 def train(name_or_config: str | RunConfig, out: str | os.PathLike | None = None, *,
@@ -241,14 +260,22 @@ def train(name_or_config: str | RunConfig, out: str | os.PathLike | None = None,
     Overrides use the config's names: train(\"model1\", epochs=1) or **{\"train.epochs\": 1}.
     """
     overrides = {(k if "." in k else _section_of(k)): v for k, v in overrides.items()}
+    distributed.setup_from_env()  # under torchrun: one of several processes
     cfg = resolve_config(name_or_config, **overrides)
     check_options(cfg)
     configure_runtime(cfg.train.threads)
     reset_peak_rss()
     splits = splits_for(cfg, data)
-    run_dir = _prepare_run_dir(out, cfg)
-    fileio.write_text(run_dir / "config.toml", to_toml(cfg))
-    trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, plots, callbacks))
+
+    def prepare() -> Path:
+        run_dir = _prepare_run_dir(out, cfg)
+        fileio.write_text(run_dir / "config.toml", to_toml(cfg))
+        return run_dir
+
+    run_dir = _on_main(prepare)
+    own = (standard_callbacks(cfg, run_dir, progress, plots, callbacks)
+           if distributed.is_main() else [])
+    trainer = Trainer(cfg, splits, own)
     return _run(trainer, run_dir, plots)
 
 
@@ -276,6 +303,7 @@ def resume(run_dir: str | os.PathLike, *, epochs: int | None = None,
     `expect`, when given, must match the run's configuration (train ... --resume checks this).
     """
     run_dir = Path(run_dir)
+    distributed.setup_from_env()  # under torchrun: one of several processes
     cfg = load_run_config(run_dir)
     if expect is not None and expect.fingerprint() != cfg.fingerprint():
         raise UserError(f"{run_dir}: the given options contradict the run's configuration "
@@ -288,22 +316,29 @@ def resume(run_dir: str | os.PathLike, *, epochs: int | None = None,
     configure_runtime(cfg.train.threads)
     reset_peak_rss()
     splits = splits_for(cfg, data)
-    trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, plots, callbacks))
-    try:
-        restored = recover_checkpoints(run_dir)
-    except OSError as exc:
-        raise UserError(fileio._describe_os_error(run_dir / "checkpoints", exc)) from None
-    for name in restored:
+    main = distributed.is_main()
+    trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, plots, callbacks)
+                      if main else [])
+
+    def recover() -> list[str]:
+        try:
+            return recover_checkpoints(run_dir)
+        except OSError as exc:
+            raise UserError(fileio._describe_os_error(run_dir / "checkpoints", exc)) from None
+
+    for name in _on_main(recover):
         print(f"warning: put back checkpoint {name}, whose rewrite was interrupted",
               file=sys.stderr)
-    found = newest_intact(run_dir)
+    found = _on_main(lambda: newest_intact(run_dir))  # one choice for every process
     if found is None:
-        print(f"warning: {run_dir} has no checkpoint yet; starting from epoch 1", file=sys.stderr)
+        if main:
+            print(f"warning: {run_dir} has no checkpoint yet; starting from epoch 1",
+                  file=sys.stderr)
     else:
         load_checkpoint(trainer, found[0])
         trainer.last_checkpoint = found[0]
     if epochs is not None:  # only once the checkpoint has loaded
-        fileio.write_text(run_dir / "config.toml", to_toml(cfg))
+        _on_main(lambda: fileio.write_text(run_dir / "config.toml", to_toml(cfg)))
     return _run(trainer, run_dir, plots)
 
 

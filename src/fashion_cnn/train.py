@@ -20,16 +20,18 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from . import fileio, kernels
+from . import distributed, fileio, kernels
 from .augment import augment_batch
 from .build import KerasSequential, build_model
 from .config import RunConfig
 from .data import Splits
-from .errors import TrainingStopped
+from .errors import TrainingStopped, UserError
 from .optim import lr_at, make_optimizer, set_lr
 
 # How often (in batches) the loop checks the recorded losses for NaN/Inf: one read per window.
 NAN_CHECK_EVERY = 32
+# Seed offset between the augmentation and dropout generators of successive processes.
+PROCESS_SEED_STRIDE = 7919
 
 
 def _signal_exit_code(name: str) -> int:
@@ -75,13 +77,19 @@ class Trainer:
         self.splits = splits
         self.callbacks = list(callbacks)
         t = config.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
+        # several processes (torchrun): this one's rank; see distributed.py
+        self.rank, self.world = distributed.world()
+        if t.threads or self.world > 1:
+            torch.set_num_threads(t.threads or distributed.default_threads())
         self.model = model if model is not None else build_model(config.model, seed=t.seed)
         self.optimizer = make_optimizer(self.model, t)
+        # the shuffle is common to all processes; augmentation and dropout are drawn per process
+        # (process 0 draws as a single process does)
+        other = PROCESS_SEED_STRIDE * self.rank
         self.shuffle_gen = torch.Generator().manual_seed(t.seed * 1000 + 1)
-        self.augment_gen = torch.Generator().manual_seed(t.seed * 1000 + 2)
-        torch.manual_seed(t.seed * 1000 + 3)  # the global generator drives dropout
+        self.augment_gen = torch.Generator().manual_seed(t.seed * 1000 + 2 + other)
+        torch.manual_seed(t.seed * 1000 + 3 + other)  # the global generator drives dropout
+        self.process_rng_states: list[dict] | None = None  # every process's, for checkpoints
         self.state = TrainState()
         self.stop_training = False     # set by callbacks (early stopping), as in Keras
         self.stop_request: str | None = None  # set by signal handlers: stop at next batch
@@ -93,6 +101,13 @@ class Trainer:
         if getattr(self.model, "use_fused_kernels", False):
             kernels.available()  # compile the C kernels now, not inside the first epoch
         self.forward = torch.compile(self.model) if t.compile else self.model
+        if self.world > 1:
+            if t.compile:
+                raise UserError("--compile is not supported with several processes")
+            if t.batch_size < self.world:
+                raise UserError(f"batch size {t.batch_size} is smaller than the {self.world} "
+                                f"processes sharing each batch")
+            self.forward = torch.nn.parallel.DistributedDataParallel(self.model)
         self.compile_seconds = 0.0
         n = len(splits.x_train)
         self.full_steps = math.ceil(n / t.batch_size)
@@ -120,12 +135,17 @@ class Trainer:
         s.cursor += len(idx)
         return idx
 
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(images, labels) of this process's share of the next batch, and the whole batch's
+        size (over all processes)."""
         idx = self._next_indices()
+        size = len(idx)
+        if self.world > 1:
+            idx = idx.tensor_split(self.world)[self.rank]
         x = self.splits.train_batch(idx)  # (B, 1, H, W) float32
         if self.config.augment.enabled:
             x = augment_batch(x, self.config.augment, self.augment_gen)
-        return x, self.splits.y_train[idx]
+        return x, self.splits.y_train[idx], size
 
     def _compile_warmup(self) -> None:
         """Trigger torch.compile's compilation outside the timed epochs, RNG untouched."""
@@ -146,9 +166,15 @@ class Trainer:
             epoch = self.state.epoch
             self._call("on_epoch_begin", epoch)
             logs = self.train_one_epoch()
-            logs.update({f"val_{k}": v for k, v in self.evaluate_split("val").items()})
+            if self.rank == 0:  # several processes: process 0 validates, and tells the others
+                logs.update({f"val_{k}": v for k, v in self.evaluate_split("val").items()})
+            if self.world > 1:
+                logs = distributed.broadcast(logs)
+                self.process_rng_states = distributed.gather(self._rng_state())
             self.state.history.append(logs)
             self._call("on_epoch_end", epoch, logs)
+            if self.world > 1:  # process 0's callbacks may have stopped training
+                self.stop_training = distributed.broadcast(self.stop_training)
         self._call("on_train_end")
         return self.state.history
 
@@ -163,20 +189,33 @@ class Trainer:
             if self._pause_hook:
                 fileio._fault_hook("batch", f"epoch={s.epoch + 1},batch={s.batch_in_epoch};",
                                    until=lambda: self.stop_request is not None)
+            if self.world > 1:
+                self._agree_on_stop()
             if self.stop_request:
                 # never checkpoint weights that a non-finite loss has already spoiled
                 self._check_finite(losses, checked, s.batch_in_epoch)
                 s.epoch_seconds = time.perf_counter() - started
+                if self.world > 1:  # process 0 checkpoints: every process's state, and sums
+                    self.process_rng_states = distributed.gather(self._rng_state())
+                    distributed.all_reduce(s.sums)
                 self._call("on_interrupt")
+                distributed.barrier()  # the others exit once process 0's checkpoint is written
                 raise TrainingStopped(
                     f"stopped by {self.stop_request} at epoch {s.epoch + 1}, batch "
                     f"{s.batch_in_epoch} of {self.steps_per_epoch}",
                     exit_code=_signal_exit_code(self.stop_request))
             set_lr(self.optimizer, lr_at(s.step, self.total_steps, cfg))
-            x, y = self._batch()
+            x, y, batch_size = self._batch()
             with autocast(cfg.precision):
                 logits = self.forward(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            if self.world == 1:
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            else:
+                # this share's sum, weighted so that DistributedDataParallel's mean over the
+                # processes is the gradient of the whole batch's mean loss
+                loss_sum = F.cross_entropy(logits.float(), y, reduction="sum",
+                                           label_smoothing=cfg.label_smoothing)
+                loss = loss_sum * (self.world / batch_size)
             penalty = model.regularization_penalty() if regularized else None
             total = loss + penalty if penalty is not None else loss
             self._clear_grads()
@@ -184,7 +223,13 @@ class Trainer:
             self.optimizer.step()
             with torch.no_grad():
                 n = y.numel()
-                s.sums += torch.stack([total.detach().double() * n,
+                if self.world > 1:  # the share's loss sum, as a single process counts it
+                    loss_sum = loss_sum.detach()
+                    total_n = (loss_sum + penalty.detach() * n if penalty is not None
+                               else loss_sum).double()
+                else:
+                    total_n = total.detach().double() * n
+                s.sums += torch.stack([total_n,
                                        (penalty.detach().double() if penalty is not None
                                         else torch.zeros((), dtype=torch.float64)) * n,
                                        (logits.argmax(1) == y).sum().double(),
@@ -196,7 +241,8 @@ class Trainer:
                 self._check_finite(losses, checked, s.batch_in_epoch)
                 checked = s.batch_in_epoch
             self._call("on_batch_end", s.batch_in_epoch, self.steps_per_epoch)
-        loss_sum, penalty_sum, correct, seen = s.sums.tolist()
+        sums = distributed.all_reduce(s.sums.clone()) if self.world > 1 else s.sums
+        loss_sum, penalty_sum, correct, seen = sums.tolist()
         logs = {"epoch": s.epoch + 1, "loss": loss_sum / seen, "accuracy": correct / seen,
                 "penalty": penalty_sum / seen, "lr": self.optimizer.param_groups[0]["lr"]}
         s.epoch += 1
@@ -215,7 +261,14 @@ class Trainer:
 
     def _check_finite(self, losses: torch.Tensor, start: int, end: int) -> None:
         window = losses[start:end]
-        if not torch.isfinite(window).all():
+        finite = bool(torch.isfinite(window).all())
+        if self.world > 1:  # all processes stop together, whichever saw it
+            flag = distributed.all_reduce(torch.tensor([float(finite)]), "min")
+            if finite and not flag.item():
+                self.stop_training = True
+                raise TrainingStopped(f"non-finite loss in another process at epoch "
+                                      f"{self.state.epoch + 1}; training stopped", exit_code=3)
+        if not finite:
             bad = start + int((~torch.isfinite(window)).nonzero()[0])
             self.stop_training = True
             kept = (f"the last checkpoint, {self.last_checkpoint}, is intact"
@@ -223,6 +276,16 @@ class Trainer:
             raise TrainingStopped(
                 f"non-finite loss ({float(losses[bad])}) at epoch {self.state.epoch + 1}, "
                 f"batch {bad + 1}; training stopped (try a lower --lr); {kept}", exit_code=3)
+
+    def _agree_on_stop(self) -> None:
+        """Several processes: a stop asked of any one (a signal) stops all at this batch."""
+        flag = distributed.all_reduce(torch.tensor([float(bool(self.stop_request))]), "max")
+        if flag.item() and not self.stop_request:
+            self.stop_request = "SIGTERM"  # another process's signal; exit as if ours
+
+    def _rng_state(self) -> dict:
+        """This process's generators that differ between processes (see __init__)."""
+        return {"global": torch.get_rng_state(), "augment": self.augment_gen.get_state()}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_split(self, split: str, tta: str = "none") -> dict:

@@ -1,0 +1,102 @@
+"""Data-parallel training over several processes with torch.distributed, launched by torchrun.
+
+    torchrun --nproc-per-node 2 -m fashion_cnn train seed-model1 --out runs/ddp
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-endpoint HOST:29400 -m fashion_cnn train fast
+
+Every process draws the same shuffle, takes its share of each batch (the batch size stays the
+global one, as a single process would use it) and weights its loss so that the gradient, which
+DistributedDataParallel averages over the processes, is the gradient of the whole batch. Process
+0 validates, writes the run directory, its checkpoints and figures, evaluates on the test set
+and prints; the others only train. Augmentation and dropout draw from per-process generators,
+so the masks differ from a single process's, and a checkpoint holds every process's generator
+state: `torchrun ... -m fashion_cnn resume RUN` with the same number of processes continues
+exactly. BatchNorm statistics are those of each process's share (and the running averages
+process 0's), as with DistributedDataParallel's defaults. CPU processes talk over gloo.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(this process's rank, number of processes); (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def setup_from_env() -> int:
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1);
+    the number of processes. Each process then uses its share of this machine's cores."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return world()[1]
+
+
+def default_threads() -> int:
+    """Threads per process: this machine's cores shared among its processes (torchrun sets
+    LOCAL_WORLD_SIZE), at least one."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, local))
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place over all processes (sum, max or min); a no-op in a single process."""
+    if world()[1] > 1:
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                                    "min": dist.ReduceOp.MIN}[op])
+    return tensor
+
+
+def barrier() -> None:
+    """Wait for every process here; a no-op in a single process."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def broadcast(obj):
+    """Process 0's `obj`, on every process."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj) -> list:
+    """Every process's `obj`, in rank order, on every process."""
+    size = world()[1]
+    if size == 1:
+        return [obj]
+    out = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shutdown(succeeded: bool) -> None:
+    """Leave the process group at the end of a command. After a success every process waits
+    for the others (process 0 still writing its figures, say) and the group closes in order:
+    a process that simply exits can make gloo abort a peer that is still talking to it. After
+    a failure nothing is waited for (the others may be inside a collective that will never
+    complete); torchrun ends them."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if succeeded:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def first_error(message: str | None) -> str | None:
+    """Process 0's error message (or None), on every process: where only process 0 can fail
+    (its run directory, say), the others stop with it instead of waiting for it."""
+    return broadcast(message)
