@@ -135,7 +135,7 @@ def save_checkpoint(trainer, directory: str | os.PathLike, kind: str = "epoch") 
         "rng.augment": trainer.augment_gen.get_state(),
         "sums": s.sums,
     }
-    processes = getattr(trainer, "world", 1)
+    processes = trainer.world
     if processes > 1:  # the other processes' generators (distributed.py)
         for rank, states in enumerate(trainer.process_rng_states[1:], start=1):
             state_tensors[f"rng.global.{rank}"] = states["global"]
@@ -293,8 +293,8 @@ def load_checkpoint(trainer, directory: str | os.PathLike) -> dict:
     if meta["config_fingerprint"] != trainer.config.fingerprint():
         raise CheckpointError(f"{directory}: was written by a run with a different configuration "
                               f"(only --epochs may change on resume)")
-    processes, rank = meta.get("processes", 1), getattr(trainer, "rank", 0)
-    if processes != getattr(trainer, "world", 1):
+    processes, rank = meta.get("processes", 1), trainer.rank
+    if processes != trainer.world:
         how = ("without torchrun" if processes == 1 else
                f"with torchrun --nproc-per-node {processes} (in all, over its nodes)")
         raise CheckpointError(f"{directory}: was written by {processes} training process"

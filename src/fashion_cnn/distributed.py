@@ -33,11 +33,15 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
+def launched_processes() -> int:
+    """How many processes torchrun started for this command (WORLD_SIZE); 1 without it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup_from_env() -> int:
     """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1);
     the number of processes. Each process then uses its share of this machine's cores."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size > 1 and not dist.is_initialized():
+    if launched_processes() > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
     return world()[1]
 
@@ -94,9 +98,3 @@ def shutdown(succeeded: bool) -> None:
     if succeeded:
         dist.barrier()
         dist.destroy_process_group()
-
-
-def first_error(message: str | None) -> str | None:
-    """Process 0's error message (or None), on every process: where only process 0 can fail
-    (its run directory, say), the others stop with it instead of waiting for it."""
-    return broadcast(message)

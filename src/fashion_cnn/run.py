@@ -117,6 +117,10 @@ def stop_on_signals(trainer: Trainer):
 
 def standard_callbacks(cfg: RunConfig, run_dir: Path, progress: bool = True,
                        plots: bool = True, extra=()) -> list:
+    """A run's callbacks; none in processes other than process 0 under torchrun, which only
+    train (distributed.py)."""
+    if not distributed.is_main():
+        return []
     c = cfg.checkpoint
     callbacks = [HistoryWriter(run_dir)]
     # Always present: it writes the checkpoint of a SIGINT/SIGTERM stop even with every = 0.
@@ -238,18 +242,19 @@ def _run(trainer: Trainer, run_dir: Path, plots: bool) -> RunResult:
 
 
 def _on_main(action):
-    """Run `action` on process 0 only (all of it, in a single process); a UserError it raises
-    is raised on every process. Its result, on every process."""
+    """Run `action` on process 0 only (all of it, in a single process); its result on every
+    process. A UserError it raises is raised on every process: where only process 0 can fail
+    (its run directory, say), the others stop with it instead of waiting for it."""
     result, error = None, None
     if distributed.is_main():
         try:
             result = action()
         except UserError as exc:
             error = str(exc)
-    error = distributed.first_error(error)
+    error, result = distributed.broadcast((error, result))
     if error is not None:
         raise UserError(error)
-    return distributed.broadcast(result)
+    return result
 
 
 def train(name_or_config: str | RunConfig, out: str | os.PathLike | None = None, *,
@@ -273,9 +278,7 @@ def train(name_or_config: str | RunConfig, out: str | os.PathLike | None = None,
         return run_dir
 
     run_dir = _on_main(prepare)
-    own = (standard_callbacks(cfg, run_dir, progress, plots, callbacks)
-           if distributed.is_main() else [])
-    trainer = Trainer(cfg, splits, own)
+    trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, plots, callbacks))
     return _run(trainer, run_dir, plots)
 
 
@@ -316,9 +319,7 @@ def resume(run_dir: str | os.PathLike, *, epochs: int | None = None,
     configure_runtime(cfg.train.threads)
     reset_peak_rss()
     splits = splits_for(cfg, data)
-    main = distributed.is_main()
-    trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, plots, callbacks)
-                      if main else [])
+    trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, plots, callbacks))
 
     def recover() -> list[str]:
         try:
@@ -331,7 +332,7 @@ def resume(run_dir: str | os.PathLike, *, epochs: int | None = None,
               file=sys.stderr)
     found = _on_main(lambda: newest_intact(run_dir))  # one choice for every process
     if found is None:
-        if main:
+        if distributed.is_main():
             print(f"warning: {run_dir} has no checkpoint yet; starting from epoch 1",
                   file=sys.stderr)
     else:
