@@ -40,10 +40,12 @@ def _train_overrides(args) -> dict:
     }
     overrides = {dotted: getattr(args, flag) for flag, dotted in flag_map.items()
                  if getattr(args, flag, None) is not None}
-    for item in args.set or []:
-        key, value = _parse_set(item)
-        overrides[key] = value
-    return overrides
+    return {**overrides, **_set_overrides(args)}
+
+
+def _set_overrides(args) -> dict:
+    """The --set SECTION.KEY=VALUE options, in order (a later one wins)."""
+    return dict(_parse_set(item) for item in args.set or [])
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -229,11 +231,11 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_onnx
+    from .export import OPSET, export_onnx
 
     result = export_onnx(args.run_dir, args.out, checkpoint=args.checkpoint,
                          check=not args.no_check)
-    print(f"Wrote {result.path} ({result.size_bytes / 1024:.0f} KiB, ONNX opset 18): input "
+    print(f"Wrote {result.path} ({result.size_bytes / 1024:.0f} KiB, ONNX opset {OPSET}): input "
           f"'pixels' uint8 (N, 28, 28); outputs 'logits' and 'probabilities' float32 (N, 10)")
     if result.max_difference is not None:
         print(f"Checked with onnxruntime {result.onnxruntime_version} on "
@@ -244,14 +246,14 @@ def cmd_export(args) -> int:
 
 def _one_process(command: str, instead: str) -> None:
     """Commands that are not data-parallel refuse torchrun's several processes."""
-    import os
+    from .distributed import launched_processes
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_processes() > 1:
         raise UserError(f"{command} runs as one process, not under torchrun; {instead}")
 
 
 def cmd_tune(args) -> int:
-    from .search import tune
+    from .search import params_text, tune
 
     _one_process("tune", "to search with several processes, start `fashion-cnn tune` in each "
                          "with one --storage file")
@@ -261,9 +263,7 @@ def cmd_tune(args) -> int:
         overrides["train.threads"] = args.threads
     if args.subset is not None:
         overrides["data.subset"] = args.subset
-    for item in args.set or []:
-        key, value = _parse_set(item)
-        overrides[key] = value
+    overrides.update(_set_overrides(args))
     result = tune(args.space, trials=args.trials, timeout=args.timeout, out=args.out,
                   storage=args.storage, study_name=args.study_name, seed=args.seed,
                   prune=not args.no_prune, progress=not args.quiet, **overrides)
@@ -271,9 +271,7 @@ def cmd_tune(args) -> int:
         print(f"No trial finished; trials so far in {result.out_dir / 'trials.csv'}")
     else:
         print(f"Best of {result.trials} trials (study {result.study_name!r}): trial "
-              f"{result.best_trial}, {result.best_value:.4f}: "
-              + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in result.best_params.items()))
+              f"{result.best_trial}, {result.best_value:.4f}: {params_text(result.best_params)}")
         print(f"Retrain it: fashion-cnn train {result.out_dir / 'best.toml'}   "
               f"(all trials: {result.out_dir / 'trials.csv'})")
     if result.interrupted:
@@ -379,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "made a light garment on black, as Fashion-MNIST's images were")
     p.add_argument("--checkpoint", help="a checkpoint name or epoch number instead of the final weights")
     p.add_argument("--top", type=int, default=3, help="classes to show per image (default 3)")
-    p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
+    from .predict import INVERT_CHOICES
+
+    p.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
                    help="negate the image: auto (default) where its border is light, as a "
                         "photo on a white background")
     p.add_argument("--tta", choices=CHOICES[("train", "tta")], default=None,

@@ -19,6 +19,17 @@ class CheckpointError(UserError):
     """A missing, corrupt or incompatible checkpoint or run directory."""
 
 
+def require_module(name: str, command: str, install: str):
+    """The module `name`, imported; a UserError naming it and how to install it where it is
+    missing (the packages of the optional extras)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"{command} needs the {name} package: {install}") from None
+
+
 class TrainingStopped(Exception):
     """Training stopped early on purpose (signal or non-finite loss); carries the reason."""
 

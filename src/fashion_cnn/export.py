@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from . import fileio
 from .data import IMAGE_SIZE
-from .errors import UserError
+from .errors import UserError, require_module
 
 OPSET = 18
 # The check passes when onnxruntime's probabilities are within this of PyTorch's (float32
@@ -68,13 +68,6 @@ class PixelsToProbabilities(torch.nn.Module):
         return logits, torch.softmax(logits, dim=1)
 
 
-def _require(module: str):
-    try:
-        return __import__(module)
-    except ImportError:
-        raise UserError(f"export needs the {module} package: {INSTALL_HINT}") from None
-
-
 def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
                 checkpoint: str | None = None, check: bool = True) -> ExportResult:
     """Write the run's model (final weights, or a checkpoint's) as ONNX to `out` (default
@@ -82,9 +75,9 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     PyTorch's on CHECK_IMAGES images and raise if they differ by more than CHECK_TOLERANCE."""
     from .run import load_model
 
-    _require("onnxscript")
+    require_module("onnxscript", "export", INSTALL_HINT)
     if check:
-        _require("onnxruntime")
+        require_module("onnxruntime", "export", INSTALL_HINT)
     config, model = load_model(run_dir, checkpoint)
     model.use_fused_kernels = False  # the C kernels are opaque to the exporter
     wrapper = PixelsToProbabilities(model, config.pad, config.data.pad_value).eval()
@@ -133,7 +126,7 @@ def check_onnx(path: str | os.PathLike, wrapper: torch.nn.Module, images: int = 
     and compare its probabilities with `wrapper`'s; (max |difference|, images, ort version).
     `name`: the file's name in error messages (default `path`)."""
     name = path if name is None else name
-    ort = _require("onnxruntime")
+    ort = require_module("onnxruntime", "export", INSTALL_HINT)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (images, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8,
                            generator=generator)

@@ -106,6 +106,11 @@ def _grayscale(image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.uint8)
 
 
+def _check_invert(invert: str) -> None:
+    if invert not in INVERT_CHOICES:
+        raise UserError(f"invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
+
+
 def _border(gray: np.ndarray) -> np.ndarray:
     width = max(1, int(round(min(gray.shape) * BORDER_FRACTION)))
     return np.concatenate([gray[:width].ravel(), gray[-width:].ravel(),
@@ -123,8 +128,7 @@ def to_fashion_mnist(image, invert: str = "auto") -> tuple[np.ndarray, bool]:
     """
     from PIL import Image
 
-    if invert not in INVERT_CHOICES:
-        raise UserError(f"invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
+    _check_invert(invert)
     gray = _grayscale(image)
     inverted = invert == "yes" or (invert == "auto" and float(np.median(_border(gray))) > 127)
     if inverted:
@@ -173,8 +177,7 @@ def predict_files(run_dir: str | os.PathLike, paths, *, checkpoint: str | None =
     from .perf import configure_runtime
     from .run import load_model
 
-    if invert not in INVERT_CHOICES:
-        raise UserError(f"--invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
+    _check_invert(invert)  # before the model loads, and whether or not any image does
     config, model = load_model(run_dir, checkpoint)
     configure_runtime(config.train.threads)
     results = []

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from . import fileio
 from .config import read_toml, to_toml
-from .errors import SpecError, TrainingStopped, UserError
+from .errors import SpecError, TrainingStopped, UserError, require_module
 
 OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
 PARAM_TYPES = ("float", "int", "categorical")
@@ -71,14 +71,6 @@ class TuneResult:
     best_params: dict
     best_trial: int | None
     interrupted: bool = False
-
-
-def _optuna():
-    try:
-        import optuna
-    except ImportError:
-        raise UserError(f"tune needs the optuna package: {INSTALL_HINT}") from None
-    return optuna
 
 
 def _check_param(where: str, spec) -> dict:
@@ -154,9 +146,10 @@ def load_space(name_or_path: str) -> SearchSpace:
     return space
 
 
-def check_space(space: SearchSpace) -> None:
+def check_space(space: SearchSpace):
     """Resolve the recipe with the fixed settings and each parameter's bounds or choices, so
-    that an unknown setting or a value out of range fails before any training."""
+    that an unknown setting or a value out of range fails before any training; the recipe's
+    config with the fixed settings alone."""
     from .run import resolve_config
 
     for key, spec in space.params.items():
@@ -171,6 +164,7 @@ def check_space(space: SearchSpace) -> None:
         raise SpecError(f"{space.source}: recipe {space.recipe!r} has no validation split, and "
                         f"tuning must not judge by the test set; add \"data.validation_split\" "
                         f"= 0.1 to [set]")
+    return cfg
 
 
 def suggest(trial, space: SearchSpace) -> dict:
@@ -235,15 +229,25 @@ def trials_csv(study, space: SearchSpace) -> str:
     keys = list(space.params)
     writer.writerow(["trial", "state", space.objective, "epochs", "seconds", *keys])
     for t in study.get_trials(deepcopy=False):
+        epochs, seconds = _last_epoch(t), _seconds(t)
         value = t.value if t.value is not None else (
-            t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else "")
-        seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
-            if t.datetime_complete and t.datetime_start else ""
-        writer.writerow([t.number, t.state.name.lower(), value,
-                         max(t.intermediate_values) if t.intermediate_values else 0,
-                         f"{seconds:.1f}" if seconds != "" else "",
+            t.intermediate_values[epochs] if t.intermediate_values else "")
+        writer.writerow([t.number, t.state.name.lower(), value, epochs,
+                         f"{seconds:.1f}" if seconds is not None else "",
                          *[t.params.get(k, "") for k in keys]])
     return out.getvalue()
+
+
+def _last_epoch(trial) -> int:
+    """The last epoch a trial reported (0 before its first)."""
+    return max(trial.intermediate_values, default=0)
+
+
+def _seconds(trial) -> float | None:
+    """A finished trial's wall-clock seconds; None while it runs."""
+    if trial.datetime_complete and trial.datetime_start:
+        return (trial.datetime_complete - trial.datetime_start).total_seconds()
+    return None
 
 
 def _best(study):
@@ -270,7 +274,7 @@ def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float 
     from .run import resolve_config, splits_for
     from .train import Trainer
 
-    optuna = _optuna()
+    optuna = require_module("optuna", "tune", INSTALL_HINT)
     if trials is None and timeout is None:
         raise UserError("give the number of trials (--trials) or a time limit (--timeout), or both")
     if trials is not None and trials < 1:
@@ -278,7 +282,7 @@ def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float 
     if isinstance(space, str):
         space = load_space(space)
     space = replace(space, fixed={**space.fixed, **overrides})
-    check_space(space)
+    base = check_space(space)
     out_dir = Path(out) if out else Path("runs") / f"tune-{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -295,8 +299,7 @@ def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float 
         # against the trials before it at the same epoch, once three have finished
         pruner=(optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
                 if prune else optuna.pruners.NopPruner()))
-    data = data if data is not None else load_data(resolve_config(space.recipe, **space.fixed)
-                                                   .data.data_dir or None)
+    data = data if data is not None else load_data(base.data.data_dir or None)
 
     def objective(trial):
         sampled = suggest(trial, space)
@@ -311,7 +314,6 @@ def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float 
                 trial.set_user_attr("fail_reason", "non-finite loss")
                 raise _Diverged(str(stop)) from None
             raise
-        trial.set_user_attr("epochs", len(trainer.state.history))
         if report.pruned_at is not None:
             raise optuna.TrialPruned(f"pruned after epoch {report.pruned_at}")
         value = trainer.state.history[-1][space.objective]
@@ -327,7 +329,7 @@ def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float 
             config = resolve_config(space.recipe, **space.fixed, **best.params)
             header = (f"# The best trial of search {space.name!r} (study {study.study_name!r}): "
                       f"trial {best.number}, {space.objective} {best.value:.4f}\n"
-                      f"# Settings: {_params_text(best.params)}\n")
+                      f"# Settings: {params_text(best.params)}\n")
             fileio.write_text(out_dir / "best.toml", header + to_toml(config))
         fileio.write_text(out_dir / "trials.csv", trials_csv(study, space))
         if progress:
@@ -347,7 +349,8 @@ def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float 
                       best.number if best else None, interrupted)
 
 
-def _params_text(params: dict) -> str:
+def params_text(params: dict) -> str:
+    """'train.lr=0.2415, augment.horizontal_flip=False': a trial's settings on one line."""
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                      for k, v in params.items())
 
@@ -357,14 +360,12 @@ def _trial_line(trial, best, space: SearchSpace) -> str:
     if state == "complete":
         what = f"{space.objective} {trial.value:.4f}"
     elif state == "pruned":
-        last = max(trial.intermediate_values) if trial.intermediate_values else 0
-        what = f"pruned after epoch {last}"
+        what = f"pruned after epoch {_last_epoch(trial)}"
     else:
         what = "failed (" + str(trial.user_attrs.get("fail_reason", "non-finite loss")) + ")"
-    seconds = ((trial.datetime_complete - trial.datetime_start).total_seconds()
-               if trial.datetime_complete and trial.datetime_start else 0.0)
+    seconds = _seconds(trial) or 0.0
     tail = f"; best {best.value:.4f} (trial {best.number})" if best is not None else ""
-    return f"trial {trial.number}: {what} in {seconds:.0f} s [{_params_text(trial.params)}]{tail}"
+    return f"trial {trial.number}: {what} in {seconds:.0f} s [{params_text(trial.params)}]{tail}"
 
 
 def _space_toml(space: SearchSpace) -> str:
