@@ -38,6 +38,7 @@ def _steps(trainer: Trainer, steps: int) -> None:
 def _worker(rank: int, world: int, port: int, idx_dir: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    succeeded = False
     try:
         cfg = resolve_config("model1", **{"train.threads": 1, "train.batch_size": 24})
         trainer = Trainer(cfg, splits_for(cfg, load_data(idx_dir, check_md5=False)))
@@ -45,8 +46,11 @@ def _worker(rank: int, world: int, port: int, idx_dir: str, out: str) -> None:
         if rank == 0:
             save_file({k: v.detach().contiguous() for k, v in
                        trainer.model.state_dict().items()}, out)
+        succeeded = True
     finally:
-        dist.destroy_process_group()
+        # as the command line ends: wait for process 0's file, then close the group in order;
+        # a process that leaves first can make gloo abort its peer (SIGABRT)
+        distributed.shutdown(succeeded)
 
 
 def test_two_processes_take_the_whole_batch_gradient(tmp_path):
