@@ -74,6 +74,72 @@ def test_relu_after_pool_reordering_is_exact():
     assert torch.allclose(g1, g2, atol=1e-5)
 
 
+def test_read_extent_follows_the_floors_of_valid_layers():
+    assert get_model_spec("model1").read_extent == (26, 26)  # 26 -> 13 and 11 -> 5 drop a row
+    assert get_model_spec("model3").read_extent == (34, 34)
+    assert get_model_spec("dense").read_extent == (28, 28)
+
+    def extent(layers, shape=(28, 28, 1)):
+        return parse_spec({"input_shape": list(shape), "layers": layers + [
+            {"type": "Flatten"}, {"type": "Dense", "units": 10}]}).read_extent
+
+    conv = {"type": "Conv2D", "filters": 4, "kernel_size": 3}
+    assert extent([conv]) == (28, 28)  # every output position is kept
+    assert extent([{**conv, "strides": 2}]) == (27, 27)  # 13 windows of stride 2 cover 27
+    assert extent([{**conv, "kernel_size": [3, 2]}, {"type": "MaxPooling2D"}]) == (28, 27)
+    assert extent([conv, {"type": "MaxPooling2D", "pool_size": 3}], (28, 20, 1)) == (26, 20)
+    # BatchNormalization's statistics span every position; 'same' layers pad at the end
+    assert extent([conv, {"type": "BatchNormalization"}, {"type": "MaxPooling2D"}]) == (28, 28)
+    assert extent([{**conv, "padding": "same"}, {"type": "MaxPooling2D"}], (27, 27, 1)) == (27, 27)
+    assert extent([conv, {"type": "Dropout", "rate": 0.5}, {"type": "MaxPooling2D"}],
+                  (29, 29, 1)) == (28, 28)
+    spec = get_model_spec("model1")
+    assert spec.read_flops < spec.flops
+    assert get_model_spec("fastnet").read_flops == get_model_spec("fastnet").flops
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_pixels_outside_the_read_extent_change_nothing(name):
+    # the claim behind the crop, checked on the layers as built without it: changing every
+    # pixel past read_extent leaves the logits bit for bit; one pixel inside changes them
+    spec = get_model_spec(name)
+    model = build_model(spec, seed=0).eval()
+    model.input_crop = None
+    height, width, channels = spec.input_shape
+    rows, cols = spec.read_extent
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, channels, height, width, generator=g)
+    outside = x.clone()
+    outside[:, :, rows:, :] = torch.rand(outside[:, :, rows:, :].shape, generator=g)
+    outside[:, :, :, cols:] = torch.rand(outside[:, :, :, cols:].shape, generator=g)
+    inside = x.clone()
+    inside[:, :, rows - 1, cols - 1] += 1.0
+    with torch.no_grad():
+        base = model(x)
+        assert torch.equal(model(outside), base) or (rows, cols) == (height, width)
+        assert not torch.equal(model(inside), base)
+
+
+@pytest.mark.parametrize("name", ["model1", "model3"])
+def test_cropped_input_gives_the_uncropped_values_and_gradients(name):
+    spec = get_model_spec(name)
+    model = build_model(spec, seed=0).eval()  # model3's dropout would draw other masks
+    assert model.input_crop == spec.read_extent
+    height, width, channels = spec.input_shape
+    x = torch.rand(4, channels, height, width, generator=torch.Generator().manual_seed(2))
+    results = []
+    for crop in (spec.read_extent, None):
+        model.input_crop = crop
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (out_cropped, grads_cropped), (out_whole, grads_whole) = results
+    torch.testing.assert_close(out_cropped, out_whole, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_cropped, grads_whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_padding_model_input_shapes():
     spec = get_model_spec("model3")
     assert spec.input_shape == (36, 36, 1)

@@ -382,6 +382,13 @@ class KerasSequential(nn.Module):
                                    if _with_relu(self.layers[i])
                                    and isinstance(self.layers[i + 1], Flatten)}
         self.use_fused_kernels = True  # False: run every layer through PyTorch
+        # The rows and columns of the input that the output depends on (spec.read_extent): a
+        # model whose pools drop the last row of an odd-sized map never reads the image's last
+        # rows, and computing the convolution outputs that lead only there is wasted work
+        # (model1: 26 x 26 of 28 x 28, 15 % of its arithmetic). forward() crops them away.
+        height, width = spec.read_extent
+        self.input_crop = (None if (height, width) == tuple(spec.input_shape[:2])
+                           else (height, width))
 
     @property
     def use_fused_kernels(self) -> bool:
@@ -419,6 +426,8 @@ class KerasSequential(nn.Module):
         eager = not torch.compiler.is_compiling()
         fused = self.fusable if eager and self.runs_fused_block else ()
         pools = self.pools if eager and self.runs_fused_pool else {}
+        if self.input_crop is not None:
+            x = x[:, :, :self.input_crop[0], :self.input_crop[1]]
         i, layers = 0, self.layers
         while i < len(layers):
             if (i in fused and x.device.type == "cpu" and x.dtype == torch.float32
