@@ -187,6 +187,12 @@ class ProjectSide:
         return self.result
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def side_summary(side) -> dict:
     last = side.history[-1] if side.history else {}
     return {"median_epoch_seconds": median(side.epoch_seconds),
@@ -220,14 +226,27 @@ def compare_model(model: str, seed: int, args, data, precisions: list[str],
     if keras_python is not None:
         sides.insert(0, KerasSide(keras_python, npy_dir, model, args.epochs, seed,
                                   args.out.with_suffix(".keras.log")))
+    # The sides must not overlap: the CPU time that the idle side used while the other trained
+    # (this process during Keras' epochs, Keras' process during ours) is recorded and shown.
+    idle_cpu = {"ours_during_keras": 0.0, "keras_during_ours": 0.0}
+    keras_pid = sides[0].process.pid if keras_python is not None else None
     for epoch in range(args.epochs):
         shift = epoch % len(sides)  # rotate the order so no side always goes first
         for side in sides[shift:] + sides[:shift]:
-            side.run_epoch()
+            if side.name == "keras":
+                before = time.process_time()
+                side.run_epoch()
+                idle_cpu["ours_during_keras"] += time.process_time() - before
+            else:
+                before = process_cpu_seconds(keras_pid) if keras_pid else 0.0
+                side.run_epoch()
+                if keras_pid:
+                    idle_cpu["keras_during_ours"] += process_cpu_seconds(keras_pid) - before
         note(f"{model} seed {seed} epoch {epoch + 1}/{args.epochs}: " + ", ".join(
             f"{side.name} {side.epoch_seconds[-1]:.2f} s" for side in sides))
     summary = {"recipe": recipe, "seed": seed, "epochs": args.epochs,
-               "batch_size": base.train.batch_size, "sides": {}}
+               "batch_size": base.train.batch_size, "sides": {},
+               "idle_side_cpu_seconds": idle_cpu if keras_pid else None}
     for side in sides:
         side.finish()
         summary["sides"][side.name] = side_summary(side)
@@ -353,6 +372,11 @@ def main(argv=None) -> int:
                          fmt(s.get("peak_rss_mib"), 0)])
     print(table(["recipe", "seed", "side", "batch", "median s", "1st epoch s", "vs keras",
                  "test acc", "val acc", "peak RSS MiB"], rows))
+    idle = [r["idle_side_cpu_seconds"] for r in results if r["idle_side_cpu_seconds"]]
+    if idle:
+        print(f"CPU time of the idle side, all epochs: this process during Keras' epochs "
+              f"{sum(i['ours_during_keras'] for i in idle):.2f} s, Keras' process during ours "
+              f"{sum(i['keras_during_ours'] for i in idle):.2f} s")
     if len(args.seeds) > 1:
         print(f"\nPooled over seeds {', '.join(map(str, args.seeds))}: median epoch over all "
               f"of them, test accuracy mean +- sd")
