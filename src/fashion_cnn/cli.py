@@ -171,7 +171,8 @@ def _print_result(result) -> None:
         return
     m = result.metrics
     print(f"Test accuracy: {m['test_accuracy']:.4f} (loss {m['test_loss']:.4f}) after "
-          f"{m['epochs']} epochs, {m['train_seconds']:.1f} s of training")
+          f"{m['epochs']} epoch{'s' if m['epochs'] != 1 else ''}, "
+          f"{m['train_seconds']:.1f} s of training")
     outputs = [p.name + ("/" if p.is_dir() else "") for p in sorted(result.run_dir.iterdir())
                if not p.name.startswith(".")]
     print(f"Run directory: {result.run_dir} ({', '.join(outputs)})")
