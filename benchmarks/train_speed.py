@@ -79,7 +79,8 @@ class Bench:
         # the arithmetic done (on the rows and columns the model reads), and that of the model
         # as declared (Keras computes the whole input): see ModelSpec.read_extent
         self.flops_per_image = train_flops_per_image(self.config.model)
-        self.declared_flops_per_image = 3 * self.config.model.flops
+        self.declared_flops_per_image = train_flops_per_image(self.config.model,
+                                                              whole_input=True)
         self.n_train = len(splits.x_train)
         self.x_eval, self.y_eval = splits.x_test[:eval_images], splits.y_test[:eval_images]
         self.epoch_seconds: list[float] = []  # per round, scaled to 48,000 images

@@ -96,6 +96,7 @@ def test_read_extent_follows_the_floors_of_valid_layers():
     spec = get_model_spec("model1")
     assert spec.read_flops < spec.flops
     assert get_model_spec("fastnet").read_flops == get_model_spec("fastnet").flops
+    assert get_model_spec("fastnet").input_crop is None and spec.input_crop == (26, 26)
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -386,9 +386,7 @@ class KerasSequential(nn.Module):
         # model whose pools drop the last row of an odd-sized map never reads the image's last
         # rows, and computing the convolution outputs that lead only there is wasted work
         # (model1: 26 x 26 of 28 x 28, 15 % of its arithmetic). forward() crops them away.
-        height, width = spec.read_extent
-        self.input_crop = (None if (height, width) == tuple(spec.input_shape[:2])
-                           else (height, width))
+        self.input_crop = spec.input_crop
 
     @property
     def use_fused_kernels(self) -> bool:

@@ -127,13 +127,12 @@ def cmd_summary(args) -> int:
     cfg = load_config(args.model)
     print(summary(cfg.model))
     spec = cfg.model
-    rows, cols = spec.read_extent
-    if (rows, cols) != spec.input_shape[:2]:
-        height, width = spec.input_shape[:2]
+    if spec.input_crop is not None:
+        (rows, cols), (height, width) = spec.input_crop, spec.input_shape[:2]
         print(f"Reads the top-left {rows}x{cols} of its {height}x{width} input: the rest "
               f"reaches only outputs that the pools' floor rounding drops (never computed)")
     whole = (f" ({spec.flops / 1e6:.2f} on the whole input, as Keras computes it)"
-             if spec.read_flops != spec.flops else "")
+             if spec.input_crop is not None else "")
     print(f"Forward pass: {spec.read_flops / 1e6:.2f} MFLOP per image{whole}; "
           f"training: {train_flops_per_image(spec) / 1e6:.2f} MFLOP per image")
     return 0

@@ -198,14 +198,21 @@ class ModelSpec:
         return rows, cols
 
     @property
+    def input_crop(self) -> tuple[int, int] | None:
+        """read_extent where it is smaller than the input (the model may crop its input to
+        it), else None."""
+        extent = self.read_extent
+        return None if extent == tuple(self.input_shape[:2]) else extent
+
+    @property
     def read_flops(self) -> int:
         """`flops` of the layers applied to the rows and columns the model reads
         (read_extent): the arithmetic that the output depends on."""
-        rows, cols = self.read_extent
-        if (rows, cols) == self.input_shape[:2]:
+        crop = self.input_crop
+        if crop is None:
             return self.flops
         layers = copy.deepcopy(self.layers)
-        _infer_all(layers, (rows, cols, self.input_shape[2]), f"model {self.name!r}")
+        _infer_all(layers, (*crop, self.input_shape[2]), f"model {self.name!r}")
         return sum(layer.flops for layer in layers)
 
     def to_data(self) -> dict:
@@ -498,13 +505,13 @@ def summary(spec: ModelSpec) -> str:
     return "\n".join(lines)
 
 
-def train_flops_per_image(spec: ModelSpec) -> int:
+def train_flops_per_image(spec: ModelSpec, whole_input: bool = False) -> int:
     """Forward + backward arithmetic for one training image: about 3x the forward pass.
 
     The backward pass computes gradients for both the inputs and the weights of each layer
     (two products of the forward's size); the first layer needs no input gradient, which the
     estimate ignores (a 1% effect on model1). Counted on the rows and columns the model reads
-    (ModelSpec.read_flops), the arithmetic that training does; `3 * spec.flops` is that of the
-    model as declared.
+    (ModelSpec.read_flops), the arithmetic that training does; with `whole_input`, on the
+    whole input, that of the model as declared (as Keras computes it).
     """
-    return 3 * spec.read_flops
+    return 3 * (spec.flops if whole_input else spec.read_flops)
