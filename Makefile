@@ -28,7 +28,7 @@ data:
 	@sh scripts/ensure-package.sh dataset-fashion-mnist \
 		"$(PY) -c 'from fashion_cnn.data import find_data_dir; find_data_dir()'"
 
-# A C compiler for the C kernels (src/fashion_cnn/kernels: the seed networks' fused first block,
+# A C compiler for the C kernels (src/fashion_cnn/models/kernels: the seed networks' fused first block,
 # dropout, Keras' Adam step); without one those run through PyTorch alone, slower.
 compiler:
 	@sh scripts/ensure-package.sh gcc "command -v cc || command -v gcc"

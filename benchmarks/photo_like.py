@@ -27,9 +27,9 @@ import numpy as np
 from PIL import Image
 
 from common import OUT_DIR, machine_info, note, table, write_result
-from fashion_cnn import run
-from fashion_cnn.data import load_data, validation_split
-from fashion_cnn.predict import predict_arrays, to_fashion_mnist
+from fashion_cnn.training import run
+from fashion_cnn.data.fashion_mnist import load_data, validation_split
+from fashion_cnn.apps.predict import predict_arrays, to_fashion_mnist
 
 # (name, garment RGB, background RGB, canvas (width, height), top-left of the 280x280 garment)
 VARIANTS = [

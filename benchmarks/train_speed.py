@@ -31,11 +31,11 @@ import torch
 
 from common import (OUT_DIR, TRAIN_SPLIT_IMAGES, fmt, machine_info, median, note, table,
                     write_result)
-from fashion_cnn.data import load_data
+from fashion_cnn.data.fashion_mnist import load_data
 from fashion_cnn.perf import bf16_supported, configure_runtime
-from fashion_cnn.run import read_metrics, resolve_config, splits_for
-from fashion_cnn.spec import train_flops_per_image
-from fashion_cnn.train import Trainer, evaluate
+from fashion_cnn.training.run import read_metrics, resolve_config, splits_for
+from fashion_cnn.models.spec import train_flops_per_image
+from fashion_cnn.training.loop import Trainer, evaluate
 
 DEFAULT_RECIPES = ["seed-dense", "seed-model1", "seed-model2", "seed-model3", "seed-model4"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fashion_cnn import data as fdata
+from fashion_cnn.data import fashion_mnist as fdata
 
 REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
 

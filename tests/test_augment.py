@@ -1,7 +1,7 @@
 import torch
 
-from fashion_cnn.augment import affine_params, augment_batch, random_erasing, warp
-from fashion_cnn.config import AugmentConfig
+from fashion_cnn.data.augment import affine_params, augment_batch, random_erasing, warp
+from fashion_cnn.training.config import AugmentConfig
 
 
 def _images(n=4, size=36, seed=0):

@@ -26,8 +26,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fashion_cnn import checkpoint, cli, fileio, run
-from fashion_cnn.callbacks import EarlyStopping
+from fashion_cnn.training import checkpoint
+from fashion_cnn import cli
+from fashion_cnn import fileio
+import fashion_cnn as fc
+from fashion_cnn.training import run
+from fashion_cnn.training.callbacks import EarlyStopping
 from fashion_cnn.errors import CheckpointError, TrainingStopped, UserError
 
 DATA = "/usr/share/datasets/fashion-mnist"
@@ -58,8 +62,8 @@ def references(real_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("references")
     threads = torch.get_num_threads()
     kwargs = dict(data=real_data, progress=False, plots=False, **SMALL)
-    out = {"plain": run.train("dense", root / "plain", epochs=4, **kwargs).run_dir,
-           "augmented": run.train("model2", root / "augmented", epochs=3, **kwargs,
+    out = {"plain": fc.train("dense", root / "plain", epochs=4, **kwargs).run_dir,
+           "augmented": fc.train("model2", root / "augmented", epochs=3, **kwargs,
                                   **AUGMENT_SETS).run_dir}
     torch.set_num_threads(threads)
     return out
@@ -448,7 +452,7 @@ class _RaiseLr:
 def test_nan_guard_names_epoch_and_batch_and_the_last_checkpoint_stays_loadable(real_data, tmp_path, capsys):
     r = tmp_path / "r"
     with pytest.raises(TrainingStopped) as stop:
-        run.train("model1", r, data=real_data, progress=False, plots=False, epochs=3,
+        fc.train("model1", r, data=real_data, progress=False, plots=False, epochs=3,
                   callbacks=[_RaiseLr()], **SMALL)
     message = str(stop.value)
     assert stop.value.exit_code != 0
@@ -490,7 +494,7 @@ def test_train_resume_refuses_contradicting_options_and_continues_matching_ones(
 
 def test_resume_epochs_extends_a_finished_run_exactly(references, real_data, tmp_path, capsys):
     short = tmp_path / "short"
-    run.train("dense", short, data=real_data, progress=False, plots=False, epochs=3, **SMALL)
+    fc.train("dense", short, data=real_data, progress=False, plots=False, epochs=3, **SMALL)
     code, _, err = main(capsys, "resume", short, "--epochs", 2, *QUIET)
     assert code == 2 and "fewer than" in error_lines(err)[0]
     code, _, err = main(capsys, "resume", short, "--epochs", 4, *QUIET)
@@ -547,7 +551,7 @@ def test_disk_full_is_a_clear_error_and_keeps_what_was_written(references, real_
     monkeypatch.setattr(checkpoint, "save_file", save_until_full)
     r = tmp_path / "r"
     with pytest.raises(UserError, match="disk is full"):
-        run.train("dense", r, data=real_data, progress=False, plots=False, epochs=2, **SMALL)
+        fc.train("dense", r, data=real_data, progress=False, plots=False, epochs=2, **SMALL)
     epochs_done = 1 if failing_write == 5 else 2
     assert sorted(p.name for p in (r / "checkpoints").iterdir()) == [
         "best", *[f"epoch_{e}" for e in range(1, epochs_done + 1)]]

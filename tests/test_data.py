@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fashion_cnn import data as fdata
+from fashion_cnn.data import fashion_mnist as fdata
 from fashion_cnn.errors import DataError
 
 from conftest import make_idx_dir

@@ -16,10 +16,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from fashion_cnn import distributed
-from fashion_cnn.data import load_data
-from fashion_cnn.run import resolve_config, splits_for
-from fashion_cnn.train import Trainer
+from fashion_cnn.training import distributed
+from fashion_cnn.data.fashion_mnist import load_data
+from fashion_cnn.training.run import resolve_config, splits_for
+from fashion_cnn.training.loop import Trainer
 
 TIMEOUT = 300
 

@@ -4,10 +4,11 @@ import sys
 import numpy as np
 import pytest
 
-from fashion_cnn import export, run
-from fashion_cnn.data import load_data
+from fashion_cnn.apps import export
+import fashion_cnn as fc
+from fashion_cnn.data.fashion_mnist import load_data
 from fashion_cnn.errors import UserError
-from fashion_cnn.predict import predict_arrays
+from fashion_cnn.apps.predict import predict_arrays
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -25,7 +26,7 @@ def tiny_data(tmp_path_factory):
 
 
 def _run(tmp_path, tiny_data, model):
-    return run.train(model, tmp_path / model, data=tiny_data, progress=False, plots=False,
+    return fc.train(model, tmp_path / model, data=tiny_data, progress=False, plots=False,
                      epochs=1, threads=1).run_dir
 
 
@@ -39,7 +40,7 @@ def test_exported_model_gives_pytorchs_probabilities(tmp_path, tiny_data, model)
     assert sorted(p.name for p in run_dir.iterdir() if "onnx" in p.name) == ["model.onnx"]
     # independently of the built-in check: the same probabilities as `predict` gives, for
     # real-format images and a batch size the export never saw
-    config, torch_model = run.load_model(run_dir)
+    config, torch_model = fc.load_model(run_dir)
     pixels = tiny_data.test_images[:13]
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]

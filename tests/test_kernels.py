@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from fashion_cnn import kernels
-from fashion_cnn.build import build_model
-from fashion_cnn.zoo import get_model_spec
+from fashion_cnn.models import kernels
+from fashion_cnn.models.build import build_model
+from fashion_cnn.models.zoo import get_model_spec
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
                                 reason=f"no C kernels here: {kernels.status()}")
@@ -155,7 +155,7 @@ def test_blocks_the_kernel_does_not_cover_run_through_pytorch():
 
 
 def test_switched_off_by_the_environment():
-    code = ("from fashion_cnn import kernels; import sys; "
+    code = ("from fashion_cnn.models import kernels; import sys; "
             "print(kernels.status()); sys.exit(0 if not kernels.available() else 1)")
     env = dict(os.environ, FASHION_CNN_NO_KERNELS="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -254,7 +254,7 @@ def test_dropout_lets_nan_through_as_pytorch_does():
 
 
 def test_dropout_layer_draws_its_seed_from_the_global_generator():
-    from fashion_cnn.build import Dropout
+    from fashion_cnn.models.build import Dropout
 
     layer = Dropout(0.25).train()
     x = torch.randn(6, 8, 10, 10).contiguous(memory_format=torch.channels_last)
@@ -268,7 +268,7 @@ def test_dropout_layer_draws_its_seed_from_the_global_generator():
 
 
 def test_switching_kernels_off_reaches_the_dropout_layers():
-    from fashion_cnn.build import Dropout
+    from fashion_cnn.models.build import Dropout
 
     model = build_model(get_model_spec("model2"), seed=0)
     layers = [m for m in model.modules() if isinstance(m, Dropout)]
@@ -332,7 +332,7 @@ def test_max_pool_takes_only_what_it_computes():
 def test_model_training_step_is_the_same_with_the_pool_kernel(name, precision):
     """The fused pools (with model2's ReLU and Dropout) and the ReLU moved after the Flatten
     change nothing: equal outputs and gradients, the dropout masks included."""
-    from fashion_cnn.train import autocast
+    from fashion_cnn.training.loop import autocast
 
     model = build_model(get_model_spec(name), seed=0).train()
     assert model.pools and model.runs_fused_pool

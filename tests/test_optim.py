@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from fashion_cnn.config import TrainConfig
-from fashion_cnn.optim import KerasAdam, lr_at
+from fashion_cnn.training.config import TrainConfig
+from fashion_cnn.training.optim import KerasAdam, lr_at
 
 
 def test_keras_adam_matches_hand_computed_steps():
@@ -91,7 +91,7 @@ def _adam_run(use_kernel: bool, threads: int = 2, steps: int = 6):
 
 
 def test_adam_kernel_equals_torch_fused_update():
-    from fashion_cnn import kernels
+    from fashion_cnn.models import kernels
     if not kernels.available():
         pytest.skip(kernels.status())
     mine, opt = _adam_run(use_kernel=True)
@@ -109,7 +109,7 @@ def test_adam_kernel_equals_torch_fused_update():
 
 
 def test_adam_kernel_leaves_other_dtypes_to_torch():
-    from fashion_cnn import kernels
+    from fashion_cnn.models import kernels
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
     opt = KerasAdam([w], lr=0.1)
     assert not opt.runs_kernel([w]) and not kernels.adam_eligible(w)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fashion_cnn import run
-from fashion_cnn.data import CLASS_NAMES, load_data, to_tensor
-from fashion_cnn.predict import (TRIM_THRESHOLD, ImageError, load_image, predict_files,
+import fashion_cnn as fc
+from fashion_cnn.data.fashion_mnist import CLASS_NAMES, load_data, to_tensor
+from fashion_cnn.apps.predict import (TRIM_THRESHOLD, ImageError, load_image, predict_files,
                                  save_inputs, to_fashion_mnist)
-from fashion_cnn.train import predict_logits
+from fashion_cnn.training.loop import predict_logits
 
 
 def cli(*args):
@@ -26,7 +26,7 @@ def tiny_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("predict")
     data = load_data(make_idx_dir(root / "idx"), check_md5=False)
-    result = run.train("dense", root / "run", data=data, progress=False, plots=False, epochs=1,
+    result = fc.train("dense", root / "run", data=data, progress=False, plots=False, epochs=1,
                        threads=1)
     return result.run_dir, data
 
@@ -134,7 +134,7 @@ def test_predicting_saved_test_images_matches_the_model_on_the_tensors(tiny_run,
         paths.append(tmp_path / f"test{i}.png")
         Image.fromarray(image).save(paths[-1])
     results = predict_files(run_dir, paths)
-    config, model = run.load_model(run_dir)
+    config, model = fc.load_model(run_dir)
     expected = torch.softmax(predict_logits(model, to_tensor(images, config.pad,
                                                              config.data.pad_value)), 1)
     got = torch.tensor([r.probabilities for r in results])

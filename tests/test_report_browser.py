@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from fashion_cnn.report import write_report
-from fashion_cnn.study import run_study
+from fashion_cnn.analysis.report import write_report
+from fashion_cnn.analysis.study_run import run_study
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",

@@ -5,11 +5,12 @@ import sys
 
 import pytest
 
-from fashion_cnn import search
-from fashion_cnn.data import load_data
+from fashion_cnn.apps import tune as search
+from fashion_cnn.data.fashion_mnist import load_data
 from fashion_cnn.errors import SpecError, UserError
-from fashion_cnn.train import Trainer
-from fashion_cnn.zoo import list_searches, load_config
+from fashion_cnn.training.loop import Trainer
+from fashion_cnn.apps.tune import list_searches
+from fashion_cnn.training.recipes import load_config
 
 pytest.importorskip("optuna")
 

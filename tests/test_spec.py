@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
-from fashion_cnn.build import build_model
+from fashion_cnn.models.build import build_model
 from fashion_cnn.errors import SpecError
-from fashion_cnn.spec import parse_regularizer, parse_spec, summary
-from fashion_cnn.zoo import get_model_spec, list_models, list_recipes, load_config
+from fashion_cnn.models.spec import parse_regularizer, parse_spec, summary
+from fashion_cnn.models.zoo import get_model_spec, list_models
+from fashion_cnn.training.recipes import list_recipes, load_config
 
 SEED_PARAMS = {"model1": 93322, "model2": 67786, "model3": 104650, "model4": 158858, "dense": 101770}
 
@@ -220,7 +221,7 @@ def test_residual_block_shapes():
 
 def test_small_output_conv_gradients_equal_conv2d():
     # the matrix-product weight gradient, checked exactly in float32 ...
-    from fashion_cnn.build import _SmallOutputConv
+    from fashion_cnn.models.build import _SmallOutputConv
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 64, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
@@ -237,7 +238,7 @@ def test_small_output_conv_gradients_equal_conv2d():
 
 def test_small_output_conv_is_used_in_bf16_training_only(monkeypatch):
     # ... and in a seed model under bf16 autocast, against oneDNN's bf16 backward
-    import fashion_cnn.build as build
+    import fashion_cnn.models.build as build
     model = build_model(get_model_spec("model1"), seed=0)
     conv3 = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][2]
     x = torch.rand(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
@@ -262,7 +263,7 @@ def test_small_output_conv_is_used_in_bf16_training_only(monkeypatch):
 
 
 def test_small_dense_calls_stay_float32_under_bf16_autocast(monkeypatch):
-    import fashion_cnn.build as build
+    import fashion_cnn.models.build as build
     model = build_model(get_model_spec("model2"), seed=0)
     dense = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert [type(m) for m in dense] == [build.KerasDense] * 2

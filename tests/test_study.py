@@ -12,9 +12,11 @@ import pytest
 
 from fashion_cnn import cli
 from fashion_cnn.errors import SpecError, UserError
-from fashion_cnn.report import early_stopping_pick, overfitting_start, write_report
-from fashion_cnn.study import STUDY_FILE, load_study, read_study, run_study
-from fashion_cnn.zoo import ZOO
+from fashion_cnn.analysis.findings import early_stopping_pick, overfitting_start
+from fashion_cnn.analysis.report import write_report
+from fashion_cnn.analysis.study import STUDY_FILE, load_study, read_study
+from fashion_cnn.analysis.study_run import run_study
+from fashion_cnn.catalog import ZOO
 
 SEED_STUDY = ZOO / "studies" / "seed.toml"
 QUICK = ["--subset", "2000", "--epochs-scale", "0.04"]

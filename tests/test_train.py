@@ -6,12 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fashion_cnn import run
-from fashion_cnn.build import build_model
-from fashion_cnn.config import to_toml
-from fashion_cnn.spec import parse_spec
-from fashion_cnn.train import Trainer
-from fashion_cnn.zoo import load_config
+import fashion_cnn as fc
+from fashion_cnn.training import run
+from fashion_cnn.models.build import build_model
+from fashion_cnn.training.config import to_toml
+from fashion_cnn.models.spec import parse_spec
+from fashion_cnn.training.loop import Trainer
+from fashion_cnn.training.recipes import load_config
 
 
 def cli(*args):
@@ -20,20 +21,20 @@ def cli(*args):
 
 def test_two_runs_give_identical_weights_and_history(real_data, tmp_path):
     kwargs = dict(data=real_data, progress=False, plots=False, subset=1500, epochs=1, threads=2)
-    a = run.train("model2", tmp_path / "a", **kwargs)
-    b = run.train("model2", tmp_path / "b", **kwargs)
+    a = fc.train("model2", tmp_path / "a", **kwargs)
+    b = fc.train("model2", tmp_path / "b", **kwargs)
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]
     assert strip(a.history) == strip(b.history)
-    c = run.train("model2", tmp_path / "c", **{**kwargs, "seed": 1})
+    c = fc.train("model2", tmp_path / "c", **{**kwargs, "seed": 1})
     wc = load_file(tmp_path / "c" / "model.safetensors")
     first_kernel = next(k for k in wa if k.endswith("weight"))
     assert not torch.equal(wa[first_kernel], wc[first_kernel])
 
 
 def test_run_directory_contents_and_evaluate_reproduces_metrics(real_data, tmp_path):
-    result = run.train("seed-model1", tmp_path / "r", data=real_data, progress=False, plots=False,
+    result = fc.train("seed-model1", tmp_path / "r", data=real_data, progress=False, plots=False,
                        subset=1000, epochs=2)
     r = tmp_path / "r"
     for name in ("config.toml", "history.csv", "model.safetensors", "metrics.json"):
@@ -45,11 +46,11 @@ def test_run_directory_contents_and_evaluate_reproduces_metrics(real_data, tmp_p
     for key in ("test_loss", "test_accuracy", "params", "epochs", "train_seconds", "samples_per_second"):
         assert key in metrics
     assert metrics["params"] == 93322 and metrics["epochs"] == 2
-    from fashion_cnn import kernels
+    from fashion_cnn.models import kernels
     assert metrics["fused_first_block"] is kernels.available()  # model1 opens with the block
     assert metrics["fused_adam"] is kernels.available()         # Keras' Adam, float32 weights
     assert metrics["fused_pool"] is kernels.available()         # its second max pool
-    again = run.evaluate_run(r, data=real_data)
+    again = fc.evaluate_run(r, data=real_data)
     assert again["test_accuracy"] == metrics["test_accuracy"]
     assert again["test_loss"] == pytest.approx(metrics["test_loss"], rel=1e-6)
     # The saved config alone re-creates the run's configuration.
@@ -82,7 +83,7 @@ def test_regularization_penalty_equals_hand_computation():
 
 
 def test_penalty_recorded_separately_and_in_loss(real_data):
-    cfg = run.resolve_config("seed-model1-l2", **{"data.subset": 600, "train.epochs": 1})
+    cfg = fc.resolve_config("seed-model1-l2", **{"data.subset": 600, "train.epochs": 1})
     splits = run.splits_for(cfg, real_data)
     trainer = Trainer(cfg, splits)
     logs = trainer.fit()[0]
@@ -102,15 +103,15 @@ def test_dropout_active_only_in_training():
 
 
 def test_recipe_settings_and_overrides(tmp_path):
-    cfg = run.resolve_config("seed-model4", **{"train.epochs": 3, "augment.enabled": False})
+    cfg = fc.resolve_config("seed-model4", **{"train.epochs": 3, "augment.enabled": False})
     assert cfg.train.batch_size == 128 and cfg.train.steps_fraction == 0.75
     assert cfg.train.epochs == 3 and cfg.augment.enabled is False
     assert cfg.augment.rotation_range == 2.0 and cfg.pad == 4
-    assert run.resolve_config("seed-model2").train.batch_size == 32
+    assert fc.resolve_config("seed-model2").train.batch_size == 32
 
 
 def test_steps_fraction_runs_fewer_steps(real_data):
-    cfg = run.resolve_config("seed-model4", **{"data.subset": 1280, "train.epochs": 1})
+    cfg = fc.resolve_config("seed-model4", **{"data.subset": 1280, "train.epochs": 1})
     trainer = Trainer(cfg, run.splits_for(cfg, real_data))
     trainer.fit()
     assert trainer.state.step == int(8 * 0.75)  # 1024 training images / 128 = 8 steps
@@ -150,7 +151,7 @@ def test_user_errors_are_one_line(args, fragment):
 
 
 def test_dropout_keeps_one_minus_rate_and_rescales():
-    from fashion_cnn.build import Dropout
+    from fashion_cnn.models.build import Dropout
 
     dropout = Dropout(0.3).train()
     y = dropout(torch.ones(200_000))
@@ -163,7 +164,7 @@ def test_dropout_keeps_one_minus_rate_and_rescales():
 
 
 def test_dropout_mask_is_uniform_and_follows_the_layout():
-    from fashion_cnn.build import uniform_15bit_like
+    from fashion_cnn.models.build import uniform_15bit_like
 
     torch.manual_seed(0)
     x = torch.zeros(64, 8, 20, 20).contiguous(memory_format=torch.channels_last)
@@ -180,7 +181,7 @@ def test_dropout_mask_is_uniform_and_follows_the_layout():
 
 
 def test_tta_views_are_the_image_and_its_one_pixel_shifts():
-    from fashion_cnn.train import tta_views
+    from fashion_cnn.training.loop import tta_views
 
     x = torch.zeros(2, 1, 6, 6)
     x[:, :, 2, 3] = 1.0  # one bright pixel at row 2, column 3
@@ -195,7 +196,7 @@ def test_tta_views_are_the_image_and_its_one_pixel_shifts():
 
 
 def test_tta_averages_the_logits_of_the_views():
-    from fashion_cnn.train import predict_logits, tta_views
+    from fashion_cnn.training.loop import predict_logits, tta_views
 
     model = build_model(load_config("model1").model, seed=0).eval()
     x = torch.randn(5, 1, 28, 28)
@@ -209,22 +210,22 @@ def test_tta_averages_the_logits_of_the_views():
 
 def test_run_with_tta_reports_both_accuracies_and_evaluate_can_switch_it(real_data, tmp_path):
     out = tmp_path / "r"
-    result = run.train("fast", out, data=real_data, progress=False, plots=False, subset=1000,
+    result = fc.train("fast", out, data=real_data, progress=False, plots=False, subset=1000,
                        epochs=1, **{"train.tta": "shift", "data.validation_split": 0.1})
     metrics = result.metrics
     assert metrics["tta"] == "shift"
     assert {"val_accuracy_tta", "test_accuracy_without_tta"} <= set(metrics)
-    assert run.evaluate_run(out, data=real_data)["test_accuracy"] == metrics["test_accuracy"]
-    plain = run.evaluate_run(out, data=real_data, tta="none")
+    assert fc.evaluate_run(out, data=real_data)["test_accuracy"] == metrics["test_accuracy"]
+    plain = fc.evaluate_run(out, data=real_data, tta="none")
     assert plain["test_accuracy"] == metrics["test_accuracy_without_tta"] and plain["tta"] == "none"
     assert "test_accuracy_without_tta" not in plain
     assert plain["trained_with_flips"]  # `fast` mirrors half of each batch
     # the plain accuracy comes from the first view of the TTA pass: it must equal a plain pass
-    assert run.evaluate_run(out, data=real_data)["test_accuracy_without_tta"] == plain["test_accuracy"]
+    assert fc.evaluate_run(out, data=real_data)["test_accuracy_without_tta"] == plain["test_accuracy"]
 
 
 def test_run_without_validation_split_trains_on_everything_and_reports_no_val(real_data, tmp_path):
-    result = run.train("fast", tmp_path / "r", data=real_data, progress=False, plots=True,
+    result = fc.train("fast", tmp_path / "r", data=real_data, progress=False, plots=True,
                        subset=600, epochs=1, **{"data.validation_split": 0.0})
     metrics = result.metrics
     assert metrics["val_accuracy"] is None and metrics["best_val_accuracy"] is None
@@ -244,7 +245,7 @@ def peak_before_and_after_reset(setup: str) -> tuple[float, float]:
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("no /proc/self/clear_refs here: the peak is the process's")
     code = ("import torch\n"
-            "from fashion_cnn import perf, run\n"
+            "from fashion_cnn import perf\nfrom fashion_cnn.training import run\n"
             f"{setup}\n"
             "before = run.peak_rss_mib()\n"
             "run.reset_peak_rss()\n"
@@ -280,7 +281,7 @@ def test_memory_the_allocator_kept_from_a_run_is_not_the_next_runs():
 def test_compiled_training_runs_a_model_with_dropout(real_data, tmp_path, precision):
     # model2: dropout and a small-output convolution, whose eager paths (the C kernel, the
     # int16 mask lanes, the custom weight gradient) torch.compile must not see
-    result = run.train("model2", tmp_path / "r", data=real_data, progress=False, plots=False,
+    result = fc.train("model2", tmp_path / "r", data=real_data, progress=False, plots=False,
                        subset=256, epochs=1, batch_size=64, compile=True, precision=precision)
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["compile_seconds"] > 0

@@ -1,21 +1,53 @@
 """fashion-cnn: train, study and use CNN classifiers on Fashion-MNIST, in Keras' vocabulary on PyTorch.
 
+The package is laid out by layer, each importing only from those below it:
+data -> models -> training -> analysis -> apps -> cli. Everything a notebook needs is here:
+
 >>> import fashion_cnn as fc
 >>> result = fc.train("seed-model1", epochs=1)                 # doctest: +SKIP
 >>> fc.evaluate_run(result.run_dir)["test_accuracy"]           # doctest: +SKIP
 """
 
-from .build import build_model
-from .config import RunConfig
-from .data import CLASS_NAMES, load_data, make_splits
-from .predict import predict_files
-from .run import evaluate_run, load_model, resolve_config, resume, train
-from .spec import parse_spec, summary
-from .train import Trainer, evaluate
-from .zoo import get_model_spec, list_models, list_recipes, load_config
+from .analysis.figures import figure_compare_curves, figure_confusion, figure_metrics, figure_weights
+from .analysis.image_figures import figure_activations, figure_misclassified, figure_predictions
+from .analysis.metrics import confusion_matrix, per_class_table, softmax
+from .analysis.plots import LivePlot, augmentation_preview, compare_runs, plots_from_run
+from .analysis.report import results_markdown, write_report
+from .analysis.runs import resume, train
+from .analysis.study import list_studies, load_study
+from .analysis.study_run import run_study
+from .apps.export import export_onnx
+from .apps.predict import predict_files, save_inputs
+from .apps.tune import tune
+from .data.fashion_mnist import CLASS_NAMES, class_counts, load_data, make_splits
+from .errors import (CheckpointError, DataError, Interrupted, NonFiniteLoss, SpecError,
+                     TrainingStopped, UserError)
+from .models.build import build_model
+from .models.spec import parse_spec, summary
+from .models.zoo import get_model_spec, list_models
+from .training.config import RunConfig
+from .training.loop import Trainer, evaluate
+from .training.recipes import list_recipes, load_config, resolve_config
+from .training.run import RunResult, evaluate_run, load_model
+from .training.rundir import RunDir
 
-__all__ = ["CLASS_NAMES", "RunConfig", "Trainer", "build_model", "evaluate", "evaluate_run",
-           "get_model_spec", "list_models", "list_recipes", "load_config", "load_data",
-           "load_model", "make_splits", "parse_spec", "predict_files", "resolve_config", "resume",
-           "summary", "train"]
+__all__ = [
+    # data and models
+    "CLASS_NAMES", "class_counts", "load_data", "make_splits", "build_model", "parse_spec",
+    "summary", "get_model_spec", "list_models",
+    # configuration and training
+    "RunConfig", "list_recipes", "load_config", "resolve_config", "Trainer", "evaluate", "train",
+    "resume", "RunResult", "RunDir", "evaluate_run", "load_model",
+    # analysis
+    "LivePlot", "confusion_matrix", "per_class_table", "softmax", "figure_metrics",
+    "figure_confusion", "figure_weights", "figure_compare_curves", "figure_predictions",
+    "figure_misclassified", "figure_activations", "augmentation_preview", "plots_from_run",
+    "compare_runs", "list_studies", "load_study", "run_study", "write_report",
+    "results_markdown",
+    # apps
+    "predict_files", "save_inputs", "export_onnx", "tune",
+    # errors
+    "UserError", "DataError", "SpecError", "CheckpointError", "TrainingStopped", "Interrupted",
+    "NonFiniteLoss",
+]
 __version__ = "0.1.0"

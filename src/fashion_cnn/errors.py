@@ -1,10 +1,26 @@
-"""Errors a user can cause. The CLI prints each as one line and exits with its code."""
+"""Errors a user can cause, in library terms. The CLI (cli.py) turns each into one line, names
+the command-line flag of the setting it concerns, and picks the exit code.
+
+A caller tests for an outcome by class, never by number:
+
+>>> try:
+...     raise NonFiniteLoss("non-finite loss in epoch 3")
+... except TrainingStopped as stop:
+...     type(stop).__name__
+'NonFiniteLoss'
+"""
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad file, bad option, bad config). Message is one line."""
+    """A problem the user can fix (bad file, bad option, bad config). Message is one line.
 
-    exit_code = 2
+    `setting` names the setting concerned in library terms, where there is one: a config key
+    ("train.lr") or an argument of the Python API ("out"); the CLI shows its flag.
+    """
+
+    def __init__(self, message: str, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting
 
 
 class DataError(UserError):
@@ -31,8 +47,25 @@ def require_module(name: str, command: str, install: str):
 
 
 class TrainingStopped(Exception):
-    """Training stopped early on purpose (signal or non-finite loss); carries the reason."""
+    """Training stopped before its last epoch on purpose; the message says why and what was
+    kept."""
 
-    def __init__(self, message: str, exit_code: int = 1):
+    def extended(self, more: str) -> "TrainingStopped":
+        """The same outcome (same class and fields) with `more` added to its message."""
+        import copy
+
+        clone = copy.copy(self)
+        clone.args = (f"{self}{more}",)
+        return clone
+
+
+class Interrupted(TrainingStopped):
+    """Stopped by a signal (SIGINT, SIGTERM) at a batch boundary; `signal_name` says which."""
+
+    def __init__(self, message: str, signal_name: str):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.signal_name = signal_name
+
+
+class NonFiniteLoss(TrainingStopped):
+    """The loss became NaN or infinite: the settings diverge (a lower learning rate may help)."""

@@ -8,10 +8,11 @@ import hashlib
 import json
 import os
 import tempfile
+import tomllib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
-from .errors import UserError
+from .errors import SpecError, UserError
 
 
 def _default_file_mode() -> int:
@@ -24,11 +25,12 @@ def _default_file_mode() -> int:
 _FILE_MODE = _default_file_mode()
 
 
-def _describe_os_error(path: Path, exc: OSError) -> str:
+def describe_os_error(path: Path, exc: OSError) -> str:
+    """One line saying why `path` could not be written, and what to do."""
     if exc.errno == errno.ENOSPC:
         return f"cannot write {path}: the disk is full (free some space and try again)"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"cannot write {path}: permission denied (choose another --out directory)"
+        return f"cannot write {path}: permission denied (choose another directory)"
     if exc.errno in (errno.ENOTDIR, errno.EEXIST):
         return f"cannot write {path}: a part of the path is a file, not a directory"
     return f"cannot write {path}: {exc.strerror or exc}"
@@ -48,7 +50,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a finished file is as readable as any other
         os.close(fd)
     except OSError as exc:
-        raise UserError(_describe_os_error(path, exc)) from None
+        raise UserError(describe_os_error(path, exc)) from None
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -60,7 +62,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise UserError(_describe_os_error(path, exc)) from None
+        raise UserError(describe_os_error(path, exc)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -127,3 +129,36 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_toml(path: str | Path) -> dict:
+    """A TOML file as a dict; SpecError names the file on any problem."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise SpecError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory, expected a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: invalid TOML ({exc})") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a text file (invalid UTF-8)") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def toml_value(value: Any) -> str:
+    """One value in TOML syntax (a JSON string is a valid TOML basic string)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(type(value))

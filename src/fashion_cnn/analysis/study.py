@@ -18,15 +18,14 @@ import json
 import math
 import os
 import re
-import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fileio
-from .config import SECTIONS, RunConfig, _toml_value, apply_section, read_toml, validate
-from .errors import CheckpointError, SpecError, TrainingStopped, UserError
-from .zoo import _looks_like_path, load_config, study_path
+from ..catalog import file_in, looks_like_path, names
+from ..errors import CheckpointError, SpecError, UserError
+from ..fileio import read_toml, toml_value
+from ..training.config import SECTIONS, RunConfig, apply_section, validate
+from ..training.recipes import load_config
 
 STUDY_FILE = "study.toml"
 # Numbers a run may carry as reference data (beside ours in the report).
@@ -34,6 +33,16 @@ REFERENCE_KEYS = ("seed_test_accuracy", "keras_test_accuracy", "keras_train_seco
 STUDY_KEYS = ("name", "description", "source", "epochs_scale", "subset", "repeats", "overrides",
               "reference", "runs")
 RUN_KEYS = ("recipe", "name", "baseline", "change", "overrides", "reference")
+
+
+def list_studies() -> list[str]:
+    """The names of the built-in studies (zoo/studies)."""
+    return names("studies")
+
+
+def study_path(name: str) -> Path:
+    """A built-in study by name, or a TOML file by path."""
+    return file_in("studies", "study", name)
 
 
 @dataclass
@@ -150,7 +159,7 @@ def _toml(value) -> str:
         inner = ", ".join(f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', str(k)) else _toml(str(k))}"
                           f" = {_toml(v)}" for k, v in value.items())
         return "{ " + inner + " }" if inner else "{}"
-    return _toml_value(value)
+    return toml_value(value)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -218,10 +227,10 @@ def study_from_data(raw: dict, source: str, base_dir: Path | None = None) -> Stu
         recipe = _string(entry, "recipe", where)
         if not recipe:
             raise SpecError(f"{where}: missing recipe (a recipe or model name, or a .toml path)")
-        if _looks_like_path(recipe) and base_dir is not None and not Path(recipe).is_absolute():
+        if looks_like_path(recipe) and base_dir is not None and not Path(recipe).is_absolute():
             recipe = str((base_dir / recipe).resolve())
         run_name = _plain_name(_string(entry, "name", where, Path(recipe).stem
-                                       if _looks_like_path(recipe) else recipe), where)
+                                       if looks_like_path(recipe) else recipe), where)
         runs.append(StudyRun(run_name, recipe, _string(entry, "baseline", where),
                              _string(entry, "change", where),
                              _overrides(entry.get("overrides", {}), f"{where} overrides"),
@@ -259,7 +268,7 @@ def load_study(name_or_path: str, *, epochs_scale: float | None = None,
                subset: int | None = None, repeats: int | None = None) -> Study:
     """A built-in study by name or a study TOML file; given options replace its settings."""
     path = study_path(str(name_or_path))
-    is_file = _looks_like_path(str(name_or_path))
+    is_file = looks_like_path(str(name_or_path))
     source = str(name_or_path)
     raw = read_toml(path)
     study = study_from_data(raw, source, path.parent if is_file else None)
@@ -282,156 +291,3 @@ def read_study(study_dir: str | os.PathLike) -> Study:
 
 
 # ----------------------------------------------------------------------------- running
-
-@dataclass
-class StudyResult:
-    study_dir: Path
-    study: Study
-    done: dict[str, str]        # run directory name -> "trained" | "resumed" | "skipped"
-    report: tuple[Path, Path] | None = None   # (report.html, report.md)
-
-
-def _describe_differences(old: Study, new: Study) -> str:
-    a, b = old.settings(), new.settings()
-    return "; ".join(f"{key} {a[key]!r} there, {b[key]!r} now" for key in a if a[key] != b[key])
-
-
-def study_command(study: Study, study_dir: Path) -> str:
-    """The command that continues this study in `study_dir`, with its options."""
-    words = ["fashion-cnn", "study", study.source or study.name, "--out", str(study_dir)]
-    options = study.options()
-    return " ".join(shlex.quote(w) for w in words) + (f" {options}" if options else "")
-
-
-def check_compatible(study_dir: Path, study: Study) -> None:
-    """Refuse a study whose settings or runs contradict the one already in `study_dir`."""
-    try:
-        old = read_study(study_dir)
-    except SpecError as exc:
-        raise CheckpointError(f"{study_dir / STUDY_FILE}: unreadable ({exc}); "
-                              f"choose another --out") from None
-    if old.name != study.name:
-        raise UserError(f"{study_dir} holds study {old.name!r}, not {study.name!r}; "
-                        f"choose another --out")
-    if old.settings() != study.settings():
-        raise UserError(f"{study_dir} holds study {old.name!r} run with other settings "
-                        f"({_describe_differences(old, study)}); continue it with "
-                        f"`{study_command(old, study_dir)}`, or choose another --out")
-    for run in study.runs:
-        previous = next((r for r in old.runs if r.name == run.name), None)
-        if previous and (previous.recipe, previous.overrides) != (run.recipe, run.overrides):
-            raise UserError(f"{study_dir}: run {run.name!r} was made from {previous.recipe!r} "
-                            f"with overrides {previous.overrides}, now {run.recipe!r} with "
-                            f"{run.overrides}; continue it with `{study_command(old, study_dir)}`"
-                            f", or choose another --out")
-
-
-def _check_run_config(run_dir: Path, expected: RunConfig) -> None:
-    from .run import config_differences, load_run_config
-
-    saved = load_run_config(run_dir)
-    if saved.fingerprint() != expected.fingerprint() or saved.train.epochs != expected.train.epochs:
-        diff = config_differences(saved, expected)
-        if saved.train.epochs != expected.train.epochs:
-            diff = f"train.epochs: run {saved.train.epochs}, study {expected.train.epochs}"
-        raise UserError(f"{run_dir}: its config.toml no longer matches the study ({diff}); "
-                        f"the recipe changed since it ran: move the run away to retrain it, "
-                        f"or choose another --out")
-
-
-def run_study(name_or_path: str, out: str | os.PathLike | None = None, *,
-              epochs_scale: float | None = None, subset: int | None = None,
-              repeats: int | None = None, progress: bool = True, report: bool = True,
-              data=None, log=print) -> StudyResult:
-    """Train every run of a study into `out` (default studies/<name>), skipping finished runs
-    and resuming interrupted ones; then write the report (report.html, report.md)."""
-    from . import run as runs
-    from .data import load_data
-    from .plots import plots_from_run
-
-    study = load_study(name_or_path, epochs_scale=epochs_scale, subset=subset, repeats=repeats)
-    study_dir = Path(out) if out else Path("studies") / study.name
-    if study_dir.exists() and not study_dir.is_dir():
-        raise UserError(f"{study_dir}: is a file, not a directory; choose another --out")
-    if (study_dir / STUDY_FILE).exists():
-        check_compatible(study_dir, study)
-    elif study_dir.is_dir() and any(study_dir.iterdir()):
-        raise UserError(f"{study_dir}: already exists, is not empty and holds no {STUDY_FILE}; "
-                        f"choose another --out")
-    plan = [(run, offset, dir_name, study.config_for(run, offset))
-            for run in study.runs for offset, dir_name in study.dir_names(run)]
-    resolved = study.to_toml()
-    recorded = study_dir / STUDY_FILE
-    # The report is stale when the study's description or reference data changed, or a run did.
-    report_stale = not recorded.is_file() or recorded.read_text() != resolved
-    if report_stale:
-        fileio.write_text(recorded, resolved)
-    loaded = {}  # data_dir -> FashionMNIST, each decoded once for the whole study
-
-    def data_for(cfg: RunConfig):
-        key = cfg.data.data_dir or ""
-        if key not in loaded:
-            loaded[key] = data if data is not None else load_data(key or None)
-        return loaded[key]
-
-    done = {}
-    for index, (run, offset, dir_name, cfg) in enumerate(plan, 1):
-        run_dir = study_dir / dir_name
-        head = f"[{index}/{len(plan)}] {dir_name}"
-        epochs = f"{cfg.train.epochs} epoch{'s' if cfg.train.epochs > 1 else ''}"
-        try:
-            if (run_dir / "metrics.json").is_file():
-                _check_run_config(run_dir, cfg)
-                if not (run_dir / "plots" / "confusion_matrix.png").is_file():
-                    log(f"{head}: finished; writing its missing figures")
-                    plots_from_run(run_dir, data=data_for(cfg))
-                    report_stale = True  # the report shows these figures
-                else:
-                    log(f"{head}: finished already, skipped")
-                done[dir_name] = "skipped"
-                continue
-            if (run_dir / "config.toml").is_file():
-                _check_run_config(run_dir, cfg)
-                log(f"{head}: resuming ({epochs} in all)")
-                runs.resume(run_dir, data=data_for(cfg), progress=progress, expect=cfg)
-                done[dir_name] = "resumed"
-            else:
-                log(f"{head}: training {cfg.recipe or cfg.model.name}, {epochs}, "
-                    f"seed {cfg.train.seed}")
-                runs.train(cfg, run_dir, data=data_for(cfg), progress=progress)
-                done[dir_name] = "trained"
-        except TrainingStopped as stop:
-            raise TrainingStopped(f"{stop}; or continue the whole study with: "
-                                  f"{study_command(study, study_dir)}", stop.exit_code) from None
-    result = StudyResult(study_dir, study, done)
-    paths = (study_dir / "report.html", study_dir / "report.md")
-    report_stale |= any(status != "skipped" for status in done.values())
-    if report and not report_stale and all(p.is_file() for p in paths):
-        log("Every run was finished already; the report is up to date "
-            "(`fashion-cnn report` rewrites it)")
-        result.report = paths
-    elif report:
-        from .report import write_report
-
-        result.report = write_report(study_dir, data=data_for(plan[0][3]))
-    return result
-
-
-def print_study_result(result: StudyResult, stream=None) -> None:
-    """What happened to each run, its test accuracy, and where the report is."""
-    stream = stream or sys.stdout
-    for name, status in result.done.items():
-        line = f"  {name:<24}{status:<9}"
-        try:
-            metrics = json.loads((result.study_dir / name / "metrics.json").read_text())
-            line += (f"test accuracy {metrics['test_accuracy']:.4f}, "
-                     f"{metrics['train_seconds']:.1f} s of training")
-        except (OSError, ValueError, KeyError):
-            pass
-        stream.write(line.rstrip() + "\n")
-    counts = {status: list(result.done.values()).count(status)
-              for status in ("trained", "resumed", "skipped")}
-    stream.write(f"Study {result.study.name!r} in {result.study_dir}: "
-                 + ", ".join(f"{n} {status}" for status, n in counts.items()) + "\n")
-    if result.report:
-        stream.write(f"Report: {result.report[0]} and {result.report[1]}\n")

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import fileio
-from .data import CLASS_NAMES, IMAGE_SIZE, to_tensor
-from .errors import UserError
+from .. import fileio
+from ..data.fashion_mnist import CLASS_NAMES, IMAGE_SIZE, to_tensor
+from ..errors import UserError
 
 INVERT_CHOICES = ("auto", "yes", "no")
 # A pixel belongs to the garment when it is this much brighter (0-255, after any inversion)
@@ -159,7 +159,7 @@ def predict_arrays(model: torch.nn.Module, config, images: np.ndarray,
                    tta: str | None = None) -> np.ndarray:
     """Class probabilities (N, 10) for uint8 images (N, 28, 28) in Fashion-MNIST's format,
     scaled and padded as the run's training data was."""
-    from .train import predict_logits
+    from ..training.loop import predict_logits
 
     x = to_tensor(images, pad=config.pad, pad_value=config.data.pad_value)
     tta = config.train.tta if tta is None else tta
@@ -174,8 +174,8 @@ def predict_files(run_dir: str | os.PathLike, paths, *, checkpoint: str | None =
     A file that cannot be used gets a Prediction with `error` set; the others are predicted
     all the same, in one batch.
     """
-    from .perf import configure_runtime
-    from .run import load_model
+    from ..perf import configure_runtime
+    from ..training.run import load_model
 
     _check_invert(invert)  # before the model loads, and whether or not any image does
     config, model = load_model(run_dir, checkpoint)
@@ -204,7 +204,7 @@ def save_inputs(predictions: list[Prediction], folder: str | os.PathLike) -> lis
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(fileio._describe_os_error(folder, exc)) from None
+        raise UserError(fileio.describe_os_error(folder, exc)) from None
     written, used = [], set()
     for result in predictions:
         if result.image is None:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import kernels
-from .perf import cpu_autocast_is_bf16
+from ..perf import cpu_autocast_is_bf16
 from .spec import LayerSpec, ModelSpec, Regularizer
 
 _ACTIVATIONS = {

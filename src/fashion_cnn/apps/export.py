@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import fileio
-from .data import IMAGE_SIZE
-from .errors import UserError, require_module
+from .. import fileio
+from ..data.fashion_mnist import IMAGE_SIZE
+from ..errors import UserError, require_module
 
 OPSET = 18
 # The check passes when onnxruntime's probabilities are within this of PyTorch's (float32
@@ -73,7 +73,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     """Write the run's model (final weights, or a checkpoint's) as ONNX to `out` (default
     RUN_DIR/model.onnx), atomically; with `check`, compare onnxruntime's output with
     PyTorch's on CHECK_IMAGES images and raise if they differ by more than CHECK_TOLERANCE."""
-    from .run import load_model
+    from ..training.run import load_model
 
     require_module("onnxscript", "export", INSTALL_HINT)
     if check:

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import fileio
-from .errors import DataError
+from .. import fileio
+from ..errors import DataError
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]

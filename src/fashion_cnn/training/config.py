@@ -11,13 +11,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
-from .errors import SpecError
-from .spec import ModelSpec, parse_spec
+from ..data.augment import AugmentConfig
+from ..errors import SpecError
+from ..fileio import toml_value
+from ..models.spec import ModelSpec, parse_spec
 
 
 @dataclass
@@ -27,22 +27,6 @@ class DataConfig:
     pad: int = -1                   # pixels of padding per side (-1 = inferred from the model's input)
     pad_value: float = -0.5         # value of padded pixels (-0.5 is the scaled background)
     data_dir: str = ""              # directory of the IDX files ("" = search the usual places)
-
-
-@dataclass
-class AugmentConfig:
-    enabled: bool = False           # augment training batches (validation/test never are)
-    rotation_range: float = 0.0     # degrees, uniform in +-r
-    width_shift_range: float = 0.0  # fraction of the width, uniform in +-w
-    height_shift_range: float = 0.0  # fraction of the height, uniform in +-h
-    zoom_range: float = 0.0         # scale uniform in [1-z, 1+z]
-    horizontal_flip: bool = False   # mirror half the images (footwear all faces one way)
-    fill_mode: str = "nearest"      # nearest | constant | reflect, as Keras
-    cval: float = -0.5              # fill value for fill_mode = "constant"
-    interpolation_order: int = 1    # 1 bilinear (Keras' default) | 0 nearest: whole-pixel shifts, no blur
-    random_erasing: float = 0.0     # probability of erasing one random rectangle (Zhong et al.)
-    erasing_area: list = field(default_factory=lambda: [0.02, 0.4])  # erased fraction of the image
-    erasing_aspect: list = field(default_factory=lambda: [0.3, 3.3])  # height/width ratio range
 
 
 @dataclass
@@ -231,37 +215,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def read_toml(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        raise SpecError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise SpecError(f"{path}: is a directory, expected a TOML file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{path}: invalid TOML ({exc})") from None
-    except UnicodeDecodeError:
-        raise SpecError(f"{path}: not a text file (invalid UTF-8)") from None
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read ({exc.strerror})") from None
-
-
-# ------------------------------------------------------------------------------ TOML out
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(type(value))
 
 
 def _field_comments(cls) -> dict[str, str]:
@@ -280,21 +233,21 @@ def to_toml(cfg: RunConfig) -> str:
     """The resolved configuration as TOML, each setting with its comment and unit."""
     lines = ["# fashion-cnn run configuration, fully resolved: `fashion-cnn train config.toml`",
              "# repeats this run.",
-             f"recipe = {_toml_value(cfg.recipe)}",
-             f"description = {_toml_value(cfg.description)}", ""]
+             f"recipe = {toml_value(cfg.recipe)}",
+             f"description = {toml_value(cfg.description)}", ""]
     for name, cls in SECTIONS.items():
         comments = _field_comments(cls)
         lines.append(f"[{name}]")
         for key, value in dataclasses.asdict(getattr(cfg, name)).items():
-            lines.append(f"{key} = {_toml_value(value)}".ljust(40) + f"  # {comments.get(key, '')}")
+            lines.append(f"{key} = {toml_value(value)}".ljust(40) + f"  # {comments.get(key, '')}")
         lines.append("")
     spec = cfg.model.to_data()
-    lines += ["[model]", f"name = {_toml_value(spec['name'])}",
-              f"description = {_toml_value(spec['description'])}",
-              f"input_shape = {_toml_value(spec['input_shape'])}", ""]
+    lines += ["[model]", f"name = {toml_value(spec['name'])}",
+              f"description = {toml_value(spec['description'])}",
+              f"input_shape = {toml_value(spec['input_shape'])}", ""]
     for layer in spec["layers"]:
         lines.append("[[model.layers]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in layer.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in layer.items()]
         lines.append("")
     return "\n".join(lines)
 

@@ -22,7 +22,7 @@ it, with the recipe's own validation split set back if you wish) and `space.toml
 space as run). With `storage`, a journal file, several processes (on one machine or sharing a
 file system) work on one study together: start the same command in each.
 
->>> from fashion_cnn.search import tune
+>>> from fashion_cnn.apps.tune import tune
 >>> result = tune("fast", trials=12)                          # doctest: +SKIP
 >>> result.best_trial, round(result.best_value, 4)            # doctest: +SKIP
 (2, 0.9308)
@@ -38,9 +38,16 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import fileio
-from .config import read_toml, to_toml
-from .errors import SpecError, TrainingStopped, UserError, require_module
+from .. import fileio
+from ..catalog import file_in, names
+from ..data.fashion_mnist import load_data
+from ..errors import NonFiniteLoss, SpecError, UserError, require_module
+from ..fileio import read_toml, toml_value
+from ..perf import configure_runtime
+from ..training.config import to_toml
+from ..training.loop import Trainer
+from ..training.recipes import resolve_config
+from ..training.run import splits_for
 
 OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
 PARAM_TYPES = ("float", "int", "categorical")
@@ -71,6 +78,16 @@ class TuneResult:
     best_params: dict
     best_trial: int | None
     interrupted: bool = False
+
+
+def list_searches() -> list[str]:
+    """The names of the built-in search spaces (zoo/searches)."""
+    return names("searches")
+
+
+def search_path(name: str) -> Path:
+    """A built-in search space by name, or a TOML file by path."""
+    return file_in("searches", "search space", name)
 
 
 def _check_param(where: str, spec) -> dict:
@@ -138,8 +155,6 @@ def parse_space(raw: dict, name: str, source: str) -> SearchSpace:
 
 def load_space(name_or_path: str) -> SearchSpace:
     """A built-in search space by name (zoo/searches) or a TOML file by path."""
-    from .zoo import search_path
-
     path = search_path(name_or_path)
     space = parse_space(read_toml(path), path.stem, str(path))
     check_space(space)
@@ -150,8 +165,6 @@ def check_space(space: SearchSpace):
     """Resolve the recipe with the fixed settings and each parameter's bounds or choices, so
     that an unknown setting or a value out of range fails before any training; the recipe's
     config with the fixed settings alone."""
-    from .run import resolve_config
-
     for key, spec in space.params.items():
         values = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
         for value in values:
@@ -219,7 +232,7 @@ def _storage(optuna, storage: str | os.PathLike | None):
         Path(text).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(text))
     except OSError as exc:
-        raise UserError(fileio._describe_os_error(Path(text), exc)) from None
+        raise UserError(fileio.describe_os_error(Path(text), exc)) from None
 
 
 def trials_csv(study, space: SearchSpace) -> str:
@@ -269,10 +282,6 @@ def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float 
     sampler; by default 0, except with a shared `storage`, where each process must sample
     differently and so draws its own.
     """
-    from .data import load_data
-    from .perf import configure_runtime
-    from .run import resolve_config, splits_for
-    from .train import Trainer
 
     optuna = require_module("optuna", "tune", INSTALL_HINT)
     if trials is None and timeout is None:
@@ -287,7 +296,7 @@ def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(fileio._describe_os_error(out_dir, exc)) from None
+        raise UserError(fileio.describe_os_error(out_dir, exc)) from None
     fileio.write_text(out_dir / "space.toml", _space_toml(space))
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
@@ -309,11 +318,9 @@ def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float 
         trainer = Trainer(cfg, splits_for(cfg, data), callbacks=[report])
         try:
             trainer.fit()
-        except TrainingStopped as stop:
-            if stop.exit_code == 3:  # non-finite loss: this setting diverges
-                trial.set_user_attr("fail_reason", "non-finite loss")
-                raise _Diverged(str(stop)) from None
-            raise
+        except NonFiniteLoss as stop:  # this setting diverges
+            trial.set_user_attr("fail_reason", "non-finite loss")
+            raise _Diverged(str(stop)) from None
         if report.pruned_at is not None:
             raise optuna.TrialPruned(f"pruned after epoch {report.pruned_at}")
         value = trainer.state.history[-1][space.objective]
@@ -370,14 +377,12 @@ def _trial_line(trial, best, space: SearchSpace) -> str:
 
 def _space_toml(space: SearchSpace) -> str:
     """The space as run (the command's overrides folded into [set]), as TOML."""
-    from .config import _toml_value
-
     lines = [f"# Search space {space.name!r} as run (from {space.source})",
-             f"recipe = {_toml_value(space.recipe)}", f"objective = {_toml_value(space.objective)}"]
+             f"recipe = {toml_value(space.recipe)}", f"objective = {toml_value(space.objective)}"]
     if space.description:
-        lines.append(f"description = {_toml_value(space.description)}")
-    lines += ["", "[set]"] + [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in space.fixed.items()]
+        lines.append(f"description = {toml_value(space.description)}")
+    lines += ["", "[set]"] + [f"{toml_value(k)} = {toml_value(v)}" for k, v in space.fixed.items()]
     for key, spec in space.params.items():
-        lines += ["", f"[params.{_toml_value(key)}]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in spec.items()]
+        lines += ["", f"[params.{toml_value(key)}]"]
+        lines += [f"{k} = {toml_value(v)}" for k, v in spec.items()]
     return "\n".join(lines) + "\n"

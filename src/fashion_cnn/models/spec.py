@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import SpecError
+from ..errors import SpecError
 
 ACTIVATIONS = {None, "linear", "relu", "softmax", "sigmoid", "tanh", "elu", "selu", "gelu",
                "silu", "swish", "leaky_relu", "relu6", "softplus"}

@@ -1,4 +1,8 @@
-"""Runs: the Python API behind every CLI command that trains or reloads a model.
+"""Runs: train a recipe into a run directory, resume it, reload and evaluate it.
+
+These are the functions behind every command that trains or reloads a model. They write the
+run's config, history, checkpoints, weights and metrics (RunDir); figures come from callbacks
+of the analysis layer (fashion_cnn.train adds them).
 
 >>> result = train("seed-model1", epochs=1, out="runs/demo")     # doctest: +SKIP
 >>> result.metrics["test_accuracy"]                              # doctest: +SKIP
@@ -8,8 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import os
 import resource
 import shlex
@@ -21,18 +23,18 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, fileio
-from .build import KerasSequential, build_model
-from .callbacks import (EarlyStopping, HistoryWriter, ModelCheckpoint, ProgressBar, best_epoch,
-                        check_options)
-from .checkpoint import (checkpoint_weights, load_checkpoint, load_weights, newest_intact,
-                         recover_checkpoints, save_weights)
-from .config import RunConfig, apply_section, overrides_to_sections, to_toml, validate
-from .data import CLASS_NAMES, FashionMNIST, Splits, load_data, make_splits
-from .errors import CheckpointError, SpecError, TrainingStopped, UserError
-from .perf import configure_runtime, return_freed_memory
-from .train import Trainer, evaluate
-from .zoo import load_config
+from .. import fileio
+from ..data.fashion_mnist import CLASS_NAMES, FashionMNIST, Splits, load_data, make_splits
+from ..errors import Interrupted, UserError
+from ..models.build import KerasSequential, build_model
+from ..perf import configure_runtime, return_freed_memory
+from . import distributed
+from .callbacks import EarlyStopping, HistoryWriter, ModelCheckpoint, ProgressBar, best_epoch, check_options
+from .checkpoint import checkpoint_weights, load_checkpoint, load_weights, newest_intact, recover_checkpoints, save_weights
+from .config import RunConfig
+from .loop import Trainer, evaluate
+from .recipes import resolve_config
+from .rundir import RunDir
 
 
 @dataclass
@@ -43,47 +45,7 @@ class RunResult:
     history: list[dict]
     metrics: dict
     per_class: str = ""  # per-class precision/recall/F1 table (empty when plots were skipped)
-
-
-def resolve_config(name_or_config: str | RunConfig, **overrides) -> RunConfig:
-    """A recipe/model name or TOML path, with overrides given as section.key=value.
-
-    >>> cfg = resolve_config("seed-model1", **{"train.epochs": 2})
-    >>> cfg.train.epochs, cfg.train.batch_size
-    (2, 128)
-    """
-    cfg = (dataclasses.replace(name_or_config) if isinstance(name_or_config, RunConfig)
-           else load_config(name_or_config))
-    for section, values in overrides_to_sections(overrides).items():
-        apply_section(cfg, section, values, "command line")
-    return validate(cfg)
-
-
-def default_run_dir(cfg: RunConfig) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{cfg.recipe or cfg.model.name}-{stamp}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
-
-
-def _prepare_run_dir(out: str | os.PathLike | None, cfg: RunConfig) -> Path:
-    run_dir = Path(out) if out else default_run_dir(cfg)
-    try:
-        if run_dir.exists() and not run_dir.is_dir():
-            raise UserError(f"{run_dir}: is a file, not a directory; choose another --out")
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise UserError(f"{run_dir}: already exists and is not empty; choose another --out, "
-                            f"or continue it with `fashion-cnn resume {run_dir}`")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(fileio._describe_os_error(run_dir, exc)) from None
-    return run_dir
+    test_result: dict | None = None  # loop.evaluate() on the test set: logits, predictions...
 
 
 def splits_for(cfg: RunConfig, data: FashionMNIST | None = None) -> Splits:
@@ -115,8 +77,7 @@ def stop_on_signals(trainer: Trainer):
             signal.signal(sig, old)
 
 
-def standard_callbacks(cfg: RunConfig, run_dir: Path, progress: bool = True,
-                       plots: bool = True, extra=()) -> list:
+def standard_callbacks(cfg: RunConfig, run_dir: RunDir, progress: bool = True, extra=()) -> list:
     """A run's callbacks; none in processes other than process 0 under torchrun, which only
     train (distributed.py)."""
     if not distributed.is_main():
@@ -130,9 +91,6 @@ def standard_callbacks(cfg: RunConfig, run_dir: Path, progress: bool = True,
     if c.early_stopping or c.restore_best:
         callbacks.append(EarlyStopping(c.early_stopping or 10 ** 9, c.monitor, c.min_delta,
                                        c.restore_best, run_dir))
-    if plots:
-        from .plots import LivePlot
-        callbacks.append(LivePlot(run_dir / "plots" / "metrics.png"))
     if progress:
         callbacks.append(ProgressBar())
     return callbacks + list(extra)
@@ -168,9 +126,11 @@ def _runs_adam_kernel(optimizer) -> bool:
     return bool(runs and all(runs(group["params"]) for group in optimizer.param_groups))
 
 
-def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) -> RunResult:
+def _finish(trainer: Trainer, run_dir: RunDir, train_seconds: float) -> RunResult:
+    """Save the final weights, evaluate on the test set, write metrics.json; then the
+    callbacks' on_run_end (figures)."""
     cfg, model, splits = trainer.config, trainer.model, trainer.splits
-    save_weights(model, run_dir / "model.safetensors", {"model": cfg.model.name})
+    save_weights(model, run_dir.weights_file, {"model": cfg.model.name})
     start = time.perf_counter()
     result = evaluate(model, splits.x_test, splits.y_test, cfg.train.eval_batch_size,
                       cfg.train.precision, cfg.train.tta)
@@ -212,33 +172,29 @@ def _finish(trainer: Trainer, run_dir: Path, train_seconds: float, plots: bool) 
                 model, splits.x_val, splits.y_val, cfg.train.eval_batch_size,
                 cfg.train.precision, cfg.train.tta)["accuracy"]
         metrics["test_accuracy_without_tta"] = result["accuracy_without_tta"]
-    fileio.write_json(run_dir / "metrics.json", metrics)
-    per_class = ""
-    if plots:
-        from .plots import write_run_plots
-        per_class = write_run_plots(run_dir, model=model, config=cfg, splits=splits,
-                                    history=history, eval_result=result)
-    return RunResult(run_dir, cfg, model, history, metrics, per_class)
+    run_dir.write_metrics(metrics)
+    run = RunResult(run_dir.path, cfg, model, history, metrics, test_result=result)
+    trainer._call("on_run_end", run)
+    return run
 
 
-def _run(trainer: Trainer, run_dir: Path, plots: bool) -> RunResult:
+def _run(trainer: Trainer, run_dir: RunDir) -> RunResult:
     already = sum(h.get("seconds", 0.0) for h in trainer.state.history)
     start = time.perf_counter()
     with stop_on_signals(trainer):
         try:
             trainer.fit()
-        except TrainingStopped as stop:
-            if trainer.interrupt_checkpoint is not None:  # a signal: say how to go on
-                launch = ("fashion-cnn" if trainer.world == 1 else
-                          f"torchrun --nproc-per-node {trainer.world} -m fashion_cnn")
-                raise TrainingStopped(f"{stop}; checkpoint written to "
-                                      f"{trainer.interrupt_checkpoint}; continue with: "
-                                      f"{launch} resume {shlex.quote(str(run_dir))}",
-                                      stop.exit_code) from None
-            raise
+        except Interrupted as stop:
+            if trainer.interrupt_checkpoint is None:
+                raise
+            launch = ("fashion-cnn" if trainer.world == 1 else
+                      f"torchrun --nproc-per-node {trainer.world} -m fashion_cnn")
+            raise stop.extended(f"; checkpoint written to {trainer.interrupt_checkpoint}; "
+                                f"continue with: {launch} resume "
+                                f"{shlex.quote(str(run_dir))}") from None
     if not distributed.is_main():  # process 0 evaluates, writes and reports
-        return RunResult(run_dir, trainer.config, trainer.model, trainer.state.history, {})
-    return _finish(trainer, run_dir, already + time.perf_counter() - start, plots)
+        return RunResult(run_dir.path, trainer.config, trainer.model, trainer.state.history, {})
+    return _finish(trainer, run_dir, already + time.perf_counter() - start)
 
 
 def _on_main(action):
@@ -258,13 +214,13 @@ def _on_main(action):
 
 
 def train(name_or_config: str | RunConfig, out: str | os.PathLike | None = None, *,
-          data: FashionMNIST | None = None, progress: bool = True, plots: bool = True,
-          callbacks=(), **overrides) -> RunResult:
-    """Train a recipe or model into a new run directory; evaluate on the test set at the end.
+          data: FashionMNIST | None = None, progress: bool = True, callbacks=(),
+          **overrides) -> RunResult:
+    """Train a recipe or model into a new run directory (`out`, or runs/<name>-<time>);
+    evaluate on the test set at the end. No figures: fashion_cnn.train adds them.
 
-    Overrides use the config's names: train(\"model1\", epochs=1) or **{\"train.epochs\": 1}.
+    Overrides use the config's names: train("model1", epochs=1) or **{"train.epochs": 1}.
     """
-    overrides = {(k if "." in k else _section_of(k)): v for k, v in overrides.items()}
     distributed.setup_from_env()  # under torchrun: one of several processes
     cfg = resolve_config(name_or_config, **overrides)
     check_options(cfg)
@@ -273,59 +229,46 @@ def train(name_or_config: str | RunConfig, out: str | os.PathLike | None = None,
     splits = splits_for(cfg, data)
 
     def prepare() -> Path:
-        run_dir = _prepare_run_dir(out, cfg)
-        fileio.write_text(run_dir / "config.toml", to_toml(cfg))
-        return run_dir
+        run_dir = RunDir.create(out, cfg.recipe or cfg.model.name)
+        run_dir.write_config(cfg)
+        return run_dir.path
 
-    run_dir = _on_main(prepare)
-    trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, plots, callbacks))
-    return _run(trainer, run_dir, plots)
-
-
-def _section_of(key: str) -> str:
-    from .config import SECTIONS
-
-    for section, cls in SECTIONS.items():
-        if key in {f.name for f in dataclasses.fields(cls)}:
-            return f"{section}.{key}"
-    raise SpecError(f"unknown setting {key!r}")
-
-
-def load_run_config(run_dir: str | os.PathLike) -> RunConfig:
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.toml").is_file():
-        raise CheckpointError(f"{run_dir}: not a run directory (no config.toml)")
-    return load_config(str(run_dir / "config.toml"))
+    run_dir = RunDir(_on_main(prepare))
+    trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, callbacks),
+                      run_dir=run_dir)
+    return _run(trainer, run_dir)
 
 
 def resume(run_dir: str | os.PathLike, *, epochs: int | None = None,
-           data: FashionMNIST | None = None, progress: bool = True, plots: bool = True,
+           data: FashionMNIST | None = None, progress: bool = True,
            expect: RunConfig | None = None, callbacks=()) -> RunResult:
     """Continue a run from its newest intact checkpoint with its own saved configuration.
 
     `expect`, when given, must match the run's configuration (train ... --resume checks this).
     """
-    run_dir = Path(run_dir)
+    run_dir = RunDir(run_dir)
     distributed.setup_from_env()  # under torchrun: one of several processes
-    cfg = load_run_config(run_dir)
+    cfg = run_dir.read_config()
     if expect is not None and expect.fingerprint() != cfg.fingerprint():
         raise UserError(f"{run_dir}: the given options contradict the run's configuration "
                         f"({config_differences(cfg, expect)}); continue it as it was with "
                         f"`fashion-cnn resume {shlex.quote(str(run_dir))}`")
     if epochs is not None:
         if epochs < cfg.train.epochs:
-            raise UserError(f"--epochs {epochs} is fewer than the run's {cfg.train.epochs}")
+            raise UserError(f"epochs {epochs} is fewer than the run's {cfg.train.epochs}",
+                            setting="train.epochs")
         cfg.train.epochs = epochs
     configure_runtime(cfg.train.threads)
     reset_peak_rss()
     splits = splits_for(cfg, data)
-    trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, plots, callbacks))
+    trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, callbacks),
+                      run_dir=run_dir)
 
     def recover() -> list[str]:
         try:
             return recover_checkpoints(run_dir)
         except OSError as exc:
-            raise UserError(fileio._describe_os_error(run_dir / "checkpoints", exc)) from None
+            raise UserError(fileio.describe_os_error(run_dir.checkpoints, exc)) from None
 
     for name in _on_main(recover):
         print(f"warning: put back checkpoint {name}, whose rewrite was interrupted",
@@ -339,8 +282,8 @@ def resume(run_dir: str | os.PathLike, *, epochs: int | None = None,
         load_checkpoint(trainer, found[0])
         trainer.last_checkpoint = found[0]
     if epochs is not None:  # only once the checkpoint has loaded
-        _on_main(lambda: fileio.write_text(run_dir / "config.toml", to_toml(cfg)))
-    return _run(trainer, run_dir, plots)
+        _on_main(lambda: run_dir.write_config(cfg))
+    return _run(trainer, run_dir)
 
 
 def config_differences(run_cfg: RunConfig, given: RunConfig, limit: int = 3) -> str:
@@ -364,19 +307,14 @@ def config_differences(run_cfg: RunConfig, given: RunConfig, limit: int = 3) -> 
 
 def load_model(run_dir: str | os.PathLike, checkpoint: str | None = None) -> tuple[RunConfig, KerasSequential]:
     """The run's config and model with its final weights (or a named checkpoint's)."""
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    run_dir = RunDir(run_dir)
+    cfg = run_dir.read_config()
     model = build_model(cfg.model)
     if checkpoint:
-        directory = run_dir / "checkpoints" / checkpoint
-        if not directory.is_dir():
-            directory = run_dir / "checkpoints" / cfg.checkpoint.filename.format(epoch=checkpoint)
-        if not directory.is_dir():
-            raise CheckpointError(f"{run_dir}: no checkpoint {checkpoint!r} in "
-                                  f"{run_dir / 'checkpoints'}")
+        directory = run_dir.find_checkpoint(str(checkpoint), cfg.checkpoint.filename)
         path = checkpoint_weights(directory)  # checksums verified first
     else:
-        path = run_dir / "model.safetensors"
+        path = run_dir.weights_file
     load_weights(model, path)
     model.eval()
     return cfg, model
@@ -408,12 +346,3 @@ def evaluate_run(run_dir: str | os.PathLike, data: FashionMNIST | None = None,
     out["trained_with_flips"] = bool(cfg.augment.enabled and cfg.augment.horizontal_flip)
     return out
 
-
-def read_metrics(run_dir: str | os.PathLike) -> dict:
-    path = Path(run_dir) / "metrics.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found (the run has not finished)") from None
-    except ValueError:
-        raise CheckpointError(f"{path}: corrupt JSON") from None

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from . import kernels
+from ..models import kernels
 from .config import TrainConfig
 
 

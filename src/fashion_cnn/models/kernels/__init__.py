@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from ..perf import cpu_autocast_is_bf16
+from ...perf import cpu_autocast_is_bf16
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("conv1_pool.c", "max_pool.c", "dropout.c", "adam.c")]
@@ -71,7 +71,7 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     """Compile SOURCES into one library in the cache (once per sources, compiler and CPU); its
     path."""
-    from ..data import cache_root
+    from ...data.fashion_mnist import cache_root
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=30).stdout

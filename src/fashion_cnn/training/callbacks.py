@@ -7,12 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import fileio
 from .checkpoint import (load_weights, read_checkpoint_meta, remove_checkpoint, save_checkpoint,
                          scan_checkpoints)
-from .errors import CheckpointError, SpecError, UserError
+from ..errors import CheckpointError, SpecError, UserError
+from .rundir import WEIGHTS_FILE, RunDir
 
-HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "penalty", "lr", "seconds"]
 
 
 def monitor_mode(monitor: str) -> str:
@@ -38,23 +37,14 @@ def best_epoch(history: list[dict], monitor: str, min_delta: float = 0.0) -> tup
     return index, best
 
 
-def history_csv(history: list[dict]) -> str:
-    lines = [",".join(HISTORY_COLUMNS)]
-    for logs in history:
-        lines.append(",".join("" if logs.get(c) is None else (str(logs[c]) if c == "epoch"
-                              else f"{logs[c]:.6g}" if c == "lr" else f"{logs[c]:.6f}")
-                              for c in HISTORY_COLUMNS))
-    return "\n".join(lines) + "\n"
-
-
 class HistoryWriter:
-    """Rewrites RUN_DIR/history.csv atomically after every epoch."""
+    """Rewrites the run's history (RunDir.write_history) atomically after every epoch."""
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "history.csv"
+    def __init__(self, run_dir: str | Path | RunDir):
+        self.run_dir = RunDir(run_dir)
 
     def on_epoch_end(self, trainer, epoch, logs):
-        fileio.write_text(self.path, history_csv(trainer.state.history))
+        self.run_dir.write_history(trainer.state.history)
 
 
 class ProgressBar:
@@ -137,7 +127,7 @@ class ModelCheckpoint:
 
     def __init__(self, run_dir: Path, every=1, filename="epoch_{epoch}", save_best_only=False,
                  monitor="val_loss", keep_last=0, min_delta=0.0, keep_best=True):
-        self.root = Path(run_dir) / "checkpoints"
+        self.root = RunDir(run_dir).checkpoints
         self.every, self.filename, self.save_best_only = every, filename, save_best_only
         self.monitor, self.mode, self.keep_last = monitor, monitor_mode(monitor), keep_last
         self.min_delta, self.keep_best = min_delta, keep_best
@@ -269,7 +259,7 @@ class EarlyStopping:
                 print(f"warning: cannot restore the weights of the best epoch ({index + 1}): no "
                       f"intact checkpoint of it is left; keeping the last epoch's", file=sys.stderr)
                 return
-            load_weights(trainer.model, path / "model.safetensors")
+            load_weights(trainer.model, path / WEIGHTS_FILE)
         self.restored_epoch = index + 1
 
     def _checkpoint_of(self, epoch: int) -> Path | None:

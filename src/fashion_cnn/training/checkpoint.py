@@ -32,11 +32,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import fileio
-from .errors import CheckpointError, UserError
+from .. import fileio
+from ..errors import CheckpointError, UserError
+from .rundir import STATE_FILE, STATE_TENSORS_FILE, WEIGHTS_FILE, RunDir
 
 FORMAT = 1
-TENSOR_FILES = ("model.safetensors", "state.safetensors")
+TENSOR_FILES = (WEIGHTS_FILE, STATE_TENSORS_FILE)
 KINDS = ("epoch", "best", "interrupt")
 # Hidden leftovers of an interrupted write or removal inside checkpoints/ (see _replace_dir).
 _OLD_SUFFIX, _TMP_SUFFIX, _DELETED_SUFFIX = ".old", ".tmp", ".deleted"
@@ -153,15 +154,15 @@ def save_checkpoint(trainer, directory: str | os.PathLike, kind: str = "epoch") 
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=_TMP_SUFFIX,
                                     dir=directory.parent))
     except OSError as exc:
-        raise UserError(fileio._describe_os_error(directory, exc)) from None
+        raise UserError(fileio.describe_os_error(directory, exc)) from None
     try:
-        _save_tensors(model_tensors(trainer.model), tmp / "model.safetensors")
+        _save_tensors(model_tensors(trainer.model), tmp / WEIGHTS_FILE)
         fileio._fault_hook("mid_checkpoint", directory)
-        _save_tensors(_contiguous(state_tensors), tmp / "state.safetensors")
+        _save_tensors(_contiguous(state_tensors), tmp / STATE_TENSORS_FILE)
         meta["sha256"] = {name: fileio.sha256_file(tmp / name) for name in TENSOR_FILES}
         meta["checksum"] = _meta_checksum(meta)
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        for name in (*TENSOR_FILES, "state.json"):
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
+        for name in (*TENSOR_FILES, STATE_FILE):
             with open(tmp / name, "rb") as handle:
                 os.fsync(handle.fileno())
         fileio._fsync_dir(tmp)
@@ -169,7 +170,7 @@ def save_checkpoint(trainer, directory: str | os.PathLike, kind: str = "epoch") 
         _replace_dir(tmp, directory)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(fileio._describe_os_error(directory, exc)) from None
+        raise UserError(fileio.describe_os_error(directory, exc)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -204,7 +205,7 @@ def remove_checkpoint(directory: Path) -> None:
 def recover_checkpoints(run_dir: str | os.PathLike) -> list[str]:
     """Clean up after a process killed while writing: put back `.<name>.old` copies whose
     replacement never arrived, delete unfinished temporaries. Returns what was restored."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     restored = []
     if root.is_dir():
         for path in sorted(root.iterdir()):
@@ -263,7 +264,7 @@ def read_checkpoint_meta(directory: str | os.PathLike) -> dict:
     """Read and verify a checkpoint's state.json and the checksums of its tensor files;
     CheckpointError names the first bad file."""
     directory = Path(directory)
-    meta_path = directory / "state.json"
+    meta_path = directory / STATE_FILE
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -283,7 +284,7 @@ def read_checkpoint_meta(directory: str | os.PathLike) -> dict:
 def checkpoint_weights(directory: str | os.PathLike) -> Path:
     """The verified model.safetensors of a checkpoint (for evaluate --checkpoint)."""
     read_checkpoint_meta(directory)
-    return Path(directory) / "model.safetensors"
+    return Path(directory) / WEIGHTS_FILE
 
 
 def load_checkpoint(trainer, directory: str | os.PathLike) -> dict:
@@ -292,15 +293,15 @@ def load_checkpoint(trainer, directory: str | os.PathLike) -> dict:
     meta = read_checkpoint_meta(directory)
     if meta["config_fingerprint"] != trainer.config.fingerprint():
         raise CheckpointError(f"{directory}: was written by a run with a different configuration "
-                              f"(only --epochs may change on resume)")
+                              f"(only the number of epochs may change on resume)")
     processes, rank = meta.get("processes", 1), trainer.rank
     if processes != trainer.world:
         how = ("without torchrun" if processes == 1 else
                f"with torchrun --nproc-per-node {processes} (in all, over its nodes)")
         raise CheckpointError(f"{directory}: was written by {processes} training process"
                               f"{'es' if processes > 1 else ''}; continue it {how}")
-    load_weights(trainer.model, directory / "model.safetensors")
-    state_path = directory / "state.safetensors"
+    load_weights(trainer.model, directory / WEIGHTS_FILE)
+    state_path = directory / STATE_TENSORS_FILE
     tensors = _read_safetensors(state_path)
     n = len(trainer.splits.x_train)
     try:
@@ -351,7 +352,7 @@ class CheckpointInfo:
 def scan_checkpoints(run_dir: str | os.PathLike) -> list[CheckpointInfo]:
     """All checkpoints of a run (hidden temporaries excluded), oldest first by (epoch, step);
     those whose state.json cannot be read come last."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
     found = []
@@ -360,7 +361,7 @@ def scan_checkpoints(run_dir: str | os.PathLike) -> list[CheckpointInfo]:
             continue
         info = CheckpointInfo(path)
         try:
-            meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+            meta = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
             info.kind, info.epoch, info.step = str(meta["kind"]), int(meta["epoch"]), int(meta["step"])
         except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
             info = CheckpointInfo(path)
@@ -395,6 +396,6 @@ def newest_intact(run_dir: str | os.PathLike,
         _, path, meta = max(intact, key=lambda item: item[0])
         return path, meta
     if errors:
-        raise CheckpointError(f"no intact checkpoint in {Path(run_dir) / 'checkpoints'} "
+        raise CheckpointError(f"no intact checkpoint in {RunDir(run_dir).checkpoints} "
                               f"(first problem: {errors[0]})")
     return None

@@ -13,33 +13,26 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
 
-from . import distributed, fileio, kernels
-from .augment import augment_batch
-from .build import KerasSequential, build_model
+from . import distributed
+from .. import fileio
+from ..models import kernels
+from ..data.augment import augment_batch
+from ..models.build import KerasSequential, build_model
 from .config import RunConfig
-from .data import Splits
-from .errors import TrainingStopped, UserError
+from ..data.fashion_mnist import Splits
+from ..errors import Interrupted, NonFiniteLoss, UserError
 from .optim import lr_at, make_optimizer, set_lr
 
 # How often (in batches) the loop checks the recorded losses for NaN/Inf: one read per window.
 NAN_CHECK_EVERY = 32
 # Seed offset between the augmentation and dropout generators of successive processes.
 PROCESS_SEED_STRIDE = 7919
-
-
-def _signal_exit_code(name: str) -> int:
-    """The shell's convention for a process ended by a signal: 128 + its number (SIGINT 130)."""
-    try:
-        return 128 + signal.Signals[name].value
-    except KeyError:
-        return 130
 
 
 def autocast(precision: str):
@@ -68,14 +61,16 @@ class Trainer:
 
     Callbacks are plain objects with any of: on_train_begin(trainer), on_epoch_begin(trainer,
     epoch), on_batch_end(trainer, batch, steps), on_epoch_end(trainer, epoch, logs),
-    on_interrupt(trainer), on_train_end(trainer). `epoch` is 0-based; logs is a flat dict.
+    on_interrupt(trainer), on_train_end(trainer), and, once a run is evaluated (run.py),
+    on_run_end(trainer, result). `epoch` is 0-based; logs is a flat dict.
     """
 
     def __init__(self, config: RunConfig, splits: Splits, callbacks=(),
-                 model: KerasSequential | None = None):
+                 model: KerasSequential | None = None, run_dir=None):
         self.config = config
         self.splits = splits
         self.callbacks = list(callbacks)
+        self.run_dir = run_dir  # the RunDir this run writes, if any (callbacks read it)
         t = config.train
         # several processes (torchrun): this one's rank; see distributed.py
         self.rank, self.world = distributed.world()
@@ -103,7 +98,8 @@ class Trainer:
         self.forward = torch.compile(self.model) if t.compile else self.model
         if self.world > 1:
             if t.compile:
-                raise UserError("--compile is not supported with several processes")
+                raise UserError("compiling (train.compile) is not supported with several processes",
+                                setting="train.compile")
             if t.batch_size < self.world:
                 raise UserError(f"batch size {t.batch_size} is smaller than the {self.world} "
                                 f"processes sharing each batch")
@@ -200,10 +196,9 @@ class Trainer:
                     distributed.all_reduce(s.sums)
                 self._call("on_interrupt")
                 distributed.barrier()  # the others exit once process 0's checkpoint is written
-                raise TrainingStopped(
+                raise Interrupted(
                     f"stopped by {self.stop_request} at epoch {s.epoch + 1}, batch "
-                    f"{s.batch_in_epoch} of {self.steps_per_epoch}",
-                    exit_code=_signal_exit_code(self.stop_request))
+                    f"{s.batch_in_epoch} of {self.steps_per_epoch}", self.stop_request)
             set_lr(self.optimizer, lr_at(s.step, self.total_steps, cfg))
             x, y, batch_size = self._batch()
             with autocast(cfg.precision):
@@ -266,16 +261,17 @@ class Trainer:
             flag = distributed.all_reduce(torch.tensor([float(finite)]), "min")
             if finite and not flag.item():
                 self.stop_training = True
-                raise TrainingStopped(f"non-finite loss in another process at epoch "
-                                      f"{self.state.epoch + 1}; training stopped", exit_code=3)
+                raise NonFiniteLoss(f"non-finite loss in another process at epoch "
+                                    f"{self.state.epoch + 1}; training stopped")
         if not finite:
             bad = start + int((~torch.isfinite(window)).nonzero()[0])
             self.stop_training = True
             kept = (f"the last checkpoint, {self.last_checkpoint}, is intact"
                     if self.last_checkpoint is not None else "no checkpoint had been written yet")
-            raise TrainingStopped(
+            raise NonFiniteLoss(
                 f"non-finite loss ({float(losses[bad])}) at epoch {self.state.epoch + 1}, "
-                f"batch {bad + 1}; training stopped (try a lower --lr); {kept}", exit_code=3)
+                f"batch {bad + 1}; training stopped (try a lower learning rate, train.lr); "
+                f"{kept}")
 
     def _agree_on_stop(self) -> None:
         """Several processes: a stop asked of any one (a signal) stops all at this batch."""

@@ -13,11 +13,29 @@ torch.Size([8, 1, 36, 36])
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
 
-from .config import AugmentConfig
+
+@dataclass
+class AugmentConfig:
+    """The [augment] settings of a run (Keras ImageDataGenerator's names and meanings)."""
+
+    enabled: bool = False           # augment training batches (validation/test never are)
+    rotation_range: float = 0.0     # degrees, uniform in +-r
+    width_shift_range: float = 0.0  # fraction of the width, uniform in +-w
+    height_shift_range: float = 0.0  # fraction of the height, uniform in +-h
+    zoom_range: float = 0.0         # scale uniform in [1-z, 1+z]
+    horizontal_flip: bool = False   # mirror half the images (footwear all faces one way)
+    fill_mode: str = "nearest"      # nearest | constant | reflect, as Keras
+    cval: float = -0.5              # fill value for fill_mode = "constant"
+    interpolation_order: int = 1    # 1 bilinear (Keras' default) | 0 nearest: whole-pixel shifts, no blur
+    random_erasing: float = 0.0     # probability of erasing one random rectangle (Zhong et al.)
+    erasing_area: list = field(default_factory=lambda: [0.02, 0.4])  # erased fraction of the image
+    erasing_aspect: list = field(default_factory=lambda: [0.3, 3.3])  # height/width ratio range
+
 
 _PADDING_MODE = {"nearest": "border", "constant": "zeros", "reflect": "reflection"}
 

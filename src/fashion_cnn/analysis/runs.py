@@ -1,0 +1,30 @@
+"""Training with figures: `train` and `resume` as in training.run, plus the live learning
+curves every epoch and every figure and table of the run at the end (plots=False: none).
+These are the package root's fashion_cnn.train and fashion_cnn.resume.
+
+>>> result = train("seed-model1", epochs=1, out="runs/demo")     # doctest: +SKIP
+>>> sorted(p.name for p in (result.run_dir / "plots").glob("*.png"))[:2]  # doctest: +SKIP
+['activations.png', 'confusion_matrix.png']
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..training import run as runs
+from ..training.run import RunResult
+from .plots import figure_callbacks
+
+
+def train(name_or_config, out: str | os.PathLike | None = None, *, plots: bool = True,
+          callbacks=(), **options) -> RunResult:
+    """training.run.train with the run's figures (see the module docstring)."""
+    extra = [*figure_callbacks(), *callbacks] if plots else list(callbacks)
+    return runs.train(name_or_config, out, callbacks=extra, **options)
+
+
+def resume(run_dir: str | os.PathLike, *, plots: bool = True, callbacks=(),
+           **options) -> RunResult:
+    """training.run.resume with the run's figures (see the module docstring)."""
+    extra = [*figure_callbacks(), *callbacks] if plots else list(callbacks)
+    return runs.resume(run_dir, callbacks=extra, **options)

@@ -1,0 +1,301 @@
+"""The sub-commands: each parses nothing and computes nothing of its own; it calls the
+library function of the same name and prints its result."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def _parse_set(text: str) -> tuple[str, object]:
+    """--set train.lr=0.01: the value is read as TOML (numbers, booleans, lists), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key:
+        raise UserError(f"--set {text!r}: expected section.key=value, e.g. train.lr=0.01")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _train_overrides(args) -> dict:
+    flag_map = {
+        "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
+        "seed": "train.seed", "threads": "train.threads", "precision": "train.precision",
+        "optimizer": "train.optimizer", "weight_decay": "train.weight_decay",
+        "label_smoothing": "train.label_smoothing", "subset": "data.subset",
+        "validation_split": "data.validation_split", "data_dir": "data.data_dir",
+        "augment": "augment.enabled", "checkpoint_every": "checkpoint.every",
+        "checkpoint_name": "checkpoint.filename", "save_best_only": "checkpoint.save_best_only",
+        "monitor": "checkpoint.monitor", "keep_last": "checkpoint.keep_last",
+        "early_stopping": "checkpoint.early_stopping", "min_delta": "checkpoint.min_delta",
+        "restore_best": "checkpoint.restore_best", "compile": "train.compile",
+    }
+    overrides = {dotted: getattr(args, flag) for flag, dotted in flag_map.items()
+                 if getattr(args, flag, None) is not None}
+    return {**overrides, **_set_overrides(args)}
+
+
+def _set_overrides(args) -> dict:
+    """The --set SECTION.KEY=VALUE options, in order (a later one wins)."""
+    return dict(_parse_set(item) for item in args.set or [])
+
+
+def cmd_data(args) -> int:
+    from ..data.fashion_mnist import CLASS_NAMES, class_counts, download, timed_load
+
+    if args.download:
+        print(f"downloaded to {download()}")
+    data, seconds = timed_load(args.data_dir, check_md5=not args.no_checksum)
+    how = "cache" if data.from_cache else "IDX files (decoded and cached)"
+    checks = "structure and MD5 verified" if data.verified_md5 else "structure verified (MD5 skipped)"
+    print(f"Fashion-MNIST in {data.source}: {checks}; loaded from {how} in {seconds:.2f} s")
+    train_counts, test_counts = class_counts(data.train_labels), class_counts(data.test_labels)
+    print(f"{'class':<14}{'train':>8}{'test':>8}")
+    for name, a, b in zip(CLASS_NAMES, train_counts, test_counts):
+        print(f"{name:<14}{a:>8}{b:>8}")
+    print(f"{'total':<14}{sum(train_counts):>8}{sum(test_counts):>8}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from ..models.zoo import get_model_spec, list_models
+    from ..training.recipes import list_recipes, load_config
+
+    print(f"{'model':<12}{'params':>10}  description")
+    for name in list_models():
+        spec = get_model_spec(name)
+        print(f"{name:<12}{spec.total_params:>10,}  {spec.description}")
+    print(f"\n{'recipe':<16}{'model':<12}{'epochs':>7}  description")
+    for name in list_recipes():
+        cfg = load_config(name)
+        print(f"{name:<16}{cfg.model.name:<12}{cfg.train.epochs:>7}  {cfg.description}")
+    from ..apps.tune import list_searches, search_path
+    from ..fileio import read_toml
+
+    print(f"\n{'search space':<16}{'recipe':<12}{'params':>7}  description (fashion-cnn tune)")
+    for name in list_searches():
+        raw = read_toml(search_path(name))  # as written; `tune` validates it in full
+        print(f"{name:<16}{raw.get('recipe', ''):<12}{len(raw.get('params', {})):>7}  "
+              f"{raw.get('description', '')}")
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from ..models.spec import summary, train_flops_per_image
+    from ..training.recipes import load_config
+
+    cfg = load_config(args.model)
+    print(summary(cfg.model))
+    spec = cfg.model
+    if spec.input_crop is not None:
+        (rows, cols), (height, width) = spec.input_crop, spec.input_shape[:2]
+        print(f"Reads the top-left {rows}x{cols} of its {height}x{width} input: the rest "
+              f"reaches only outputs that the pools' floor rounding drops (never computed)")
+    whole = (f" ({spec.flops / 1e6:.2f} on the whole input, as Keras computes it)"
+             if spec.input_crop is not None else "")
+    print(f"Forward pass: {spec.read_flops / 1e6:.2f} MFLOP per image{whole}; "
+          f"training: {train_flops_per_image(spec) / 1e6:.2f} MFLOP per image")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ..analysis import runs
+    from ..training.recipes import resolve_config
+
+    overrides = _train_overrides(args)
+    if args.resume:
+        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise UserError(f"--out {args.out} and --resume {args.resume} name different run "
+                            f"directories; a resumed run stays in its own")
+        expected = resolve_config(args.model, **overrides)
+        epochs = overrides.get("train.epochs")
+        result = runs.resume(args.resume, epochs=epochs, expect=_without_epochs(expected, args.resume),
+                            progress=not args.quiet, plots=not args.no_plots)
+    else:
+        result = runs.train(args.model, args.out, progress=not args.quiet, plots=not args.no_plots,
+                           **overrides)
+    _print_result(result)
+    return 0
+
+
+def _without_epochs(cfg, run_dir):
+    """For --resume, the epoch count may differ from the saved run's (it extends it)."""
+    from ..training.rundir import RunDir
+
+    cfg.train.epochs = RunDir(run_dir).read_config().train.epochs
+    return cfg
+
+
+def _print_result(result) -> None:
+    if not result.metrics:  # one of several training processes: process 0 reports
+        return
+    m = result.metrics
+    print(f"Test accuracy: {m['test_accuracy']:.4f} (loss {m['test_loss']:.4f}) after "
+          f"{m['epochs']} epoch{'s' if m['epochs'] != 1 else ''}, "
+          f"{m['train_seconds']:.1f} s of training")
+    outputs = [p.name + ("/" if p.is_dir() else "") for p in sorted(result.run_dir.iterdir())
+               if not p.name.startswith(".")]
+    print(f"Run directory: {result.run_dir} ({', '.join(outputs)})")
+    if result.per_class:
+        print(result.per_class)
+
+
+def cmd_resume(args) -> int:
+    from ..analysis import runs
+
+    result = runs.resume(args.run_dir, epochs=args.epochs, progress=not args.quiet,
+                        plots=not args.no_plots)
+    _print_result(result)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ..training.run import evaluate_run
+
+    result = evaluate_run(args.run_dir, checkpoint=args.checkpoint, tta=args.tta)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"Test loss: {result['test_loss']:.4f}  accuracy: {result['test_accuracy']:.4f} "
+          f"({result['test_correct']}/{result['test_size']}) in {result['eval_seconds']:.2f} s"
+          + ("" if result["tta"] == "none" else
+             f" (test-time augmentation: {result['tta']}; without it: "
+             f"{result['test_accuracy_without_tta']:.4f})"))
+    for name, acc in result["per_class_accuracy"].items():
+        print(f"  {name:<14}{acc:.4f}")
+    if result["tta"] == "flip" and not result["trained_with_flips"]:
+        print("note: this run was trained without horizontal flips; the flip TTA shows it "
+              "mirrored shoes, which it has never seen", file=sys.stderr)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from ..apps.predict import predict_files, save_inputs
+
+    if args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}")
+    results = predict_files(args.run_dir, args.images, checkpoint=args.checkpoint,
+                            invert=args.invert, tta=args.tta)
+    if args.save_inputs:
+        written = save_inputs(results, args.save_inputs)
+        print(f"Wrote {len(written)} model inputs (28x28 PNG) to {args.save_inputs}",
+              file=sys.stderr)
+    failed = [r for r in results if r.error is not None]
+    if args.json:
+        print(json.dumps([r.to_dict(args.top) for r in results], indent=2))
+    else:
+        width = max([len("image")] + [len(r.path) for r in results if r.error is None])
+        if len(failed) < len(results):
+            print(f"{'image':<{width}}  {'prediction':<12} {'prob.':>6}  next")
+        for r in results:
+            if r.error is not None:
+                continue
+            (name, p), rest = r.top(1)[0], r.top(args.top)[1:]
+            others = ", ".join(f"{n} {q:.3f}" for n, q in rest)
+            print(f"{r.path:<{width}}  {name:<12} {p:6.3f}  {others}"
+                  + ("  (inverted)" if r.inverted else ""))
+    for r in failed:
+        print(f"fashion-cnn: error: {r.error}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def cmd_export(args) -> int:
+    from ..apps.export import OPSET, export_onnx
+
+    result = export_onnx(args.run_dir, args.out, checkpoint=args.checkpoint,
+                         check=not args.no_check)
+    print(f"Wrote {result.path} ({result.size_bytes / 1024:.0f} KiB, ONNX opset {OPSET}): input "
+          f"'pixels' uint8 (N, 28, 28); outputs 'logits' and 'probabilities' float32 (N, 10)")
+    if result.max_difference is not None:
+        print(f"Checked with onnxruntime {result.onnxruntime_version} on "
+              f"{result.checked_images} images: probabilities within "
+              f"{result.max_difference:.1e} of PyTorch's")
+    return 0
+
+
+def _one_process(command: str, instead: str) -> None:
+    """Commands that are not data-parallel refuse torchrun's several processes."""
+    from ..training.distributed import launched_processes
+
+    if launched_processes() > 1:
+        raise UserError(f"{command} runs as one process, not under torchrun; {instead}")
+
+
+def cmd_tune(args) -> int:
+    from ..apps.tune import params_text, tune
+
+    _one_process("tune", "to search with several processes, start `fashion-cnn tune` in each "
+                         "with one --storage file")
+
+    overrides = {}
+    if args.threads is not None:
+        overrides["train.threads"] = args.threads
+    if args.subset is not None:
+        overrides["data.subset"] = args.subset
+    overrides.update(_set_overrides(args))
+    result = tune(args.space, trials=args.trials, timeout=args.timeout, out=args.out,
+                  storage=args.storage, study_name=args.study_name, seed=args.seed,
+                  prune=not args.no_prune, progress=not args.quiet, **overrides)
+    if result.best_trial is None:
+        print(f"No trial finished; trials so far in {result.out_dir / 'trials.csv'}")
+    else:
+        print(f"Best of {result.trials} trials (study {result.study_name!r}): trial "
+              f"{result.best_trial}, {result.best_value:.4f}: {params_text(result.best_params)}")
+        print(f"Retrain it: fashion-cnn train {result.out_dir / 'best.toml'}   "
+              f"(all trials: {result.out_dir / 'trials.csv'})")
+    if result.interrupted:
+        print("fashion-cnn: interrupted; the trials above are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_augment_preview(args) -> int:
+    from ..analysis.plots import augmentation_preview
+
+    path = augmentation_preview(args.recipe, args.out, n=args.n, seed=args.seed)
+    print(f"Wrote {path}")
+    return 0
+
+
+def cmd_plots(args) -> int:
+    from ..analysis.plots import plots_from_run
+
+    out, table = plots_from_run(args.run_dir, checkpoint=args.checkpoint, out_dir=args.out)
+    print(table)
+    print(f"Wrote the figures and tables into {out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from ..analysis.plots import compare_runs
+
+    for path in compare_runs(args.run_dirs, args.out):
+        print(f"Wrote {path}")
+    return 0
+
+
+def cmd_study(args) -> int:
+    from ..analysis.study_run import print_study_result, run_study
+
+    _one_process("study", "train a recipe under torchrun instead")
+
+    result = run_study(args.study, args.out, epochs_scale=args.epochs_scale, subset=args.subset,
+                       repeats=args.repeats, progress=not args.quiet)
+    print_study_result(result)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ..analysis.report import write_report
+
+    html_path, md_path = write_report(args.study_dir)
+    print(f"Wrote {html_path} and {md_path}")
+    return 0
+
+

@@ -1,0 +1,180 @@
+"""The argument parser of `fashion-cnn`: one sub-command per library function."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..training.config import CHOICES
+from . import commands
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (override the recipe)")
+    g.add_argument("--epochs", type=int, help="passes over the training split")
+    g.add_argument("--batch-size", type=int, help="images per step")
+    g.add_argument("--lr", type=float, help="learning rate")
+    g.add_argument("--seed", type=int, help="seed for init, shuffling, dropout, augmentation")
+    g.add_argument("--optimizer", choices=CHOICES[("train", "optimizer")])
+    g.add_argument("--weight-decay", type=float,
+                   help="decoupled weight decay (AdamW-style; not a Keras kernel regularizer)")
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--precision", choices=CHOICES[("train", "precision")], help="bf16 uses autocast on the CPU")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (compile time is reported apart)")
+    g.add_argument("--threads", type=int, help="CPU threads (default: one per core)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="turn the recipe's augmentation on or off")
+    d = p.add_argument_group("data")
+    d.add_argument("--subset", type=int, help="use the first N training images")
+    d.add_argument("--validation-split", type=float, help="last fraction held out (default 0.2)")
+    d.add_argument("--data-dir", help="directory of the four IDX files")
+    c = p.add_argument_group("checkpoints and early stopping")
+    c.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (0 = none)")
+    c.add_argument("--checkpoint-name", help='checkpoint name pattern, e.g. "model1_{epoch}"')
+    c.add_argument("--save-best-only", action=argparse.BooleanOptionalAction, default=None)
+    c.add_argument("--monitor", choices=CHOICES[("checkpoint", "monitor")])
+    c.add_argument("--keep-last", type=int, help="keep only the newest K epoch checkpoints")
+    c.add_argument("--early-stopping", type=int, metavar="PATIENCE")
+    c.add_argument("--min-delta", type=float)
+    c.add_argument("--restore-best", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override any config setting, e.g. --set augment.rotation_range=5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fashion-cnn",
+        description="Train, study and use CNN classifiers on Fashion-MNIST (Keras vocabulary, PyTorch).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("data", help="find, verify and cache the dataset; print class counts")
+    p.add_argument("--data-dir", help="directory of the four IDX files")
+    p.add_argument("--download", action="store_true", help="fetch from the official mirror first")
+    p.add_argument("--no-checksum", action="store_true",
+                   help="skip the MD5 and count checks (your own IDX files)")
+    p.set_defaults(func=commands.cmd_data)
+
+    p = sub.add_parser("models", help="list the model zoo and the recipes")
+    p.set_defaults(func=commands.cmd_models)
+
+    p = sub.add_parser("summary", help="print a Keras-style summary of a model or recipe")
+    p.add_argument("model", help="zoo model, recipe, or path to a .toml spec")
+    p.set_defaults(func=commands.cmd_summary)
+
+    p = sub.add_parser("train", help="train a model or recipe into a run directory")
+    p.add_argument("model", help="zoo model, recipe, or path to a .toml spec/recipe/config")
+    p.add_argument("--out", help="run directory (default runs/<name>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run (options must match)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--no-plots", action="store_true", help="skip the figures")
+    _add_train_options(p)
+    p.set_defaults(func=commands.cmd_train)
+
+    p = sub.add_parser("resume", help="continue a run from its newest intact checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--epochs", type=int, help="extend the run to this many epochs")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=commands.cmd_resume)
+
+    p = sub.add_parser("evaluate", help="reload a run and evaluate it on the test set")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", help="a checkpoint name or epoch number instead of the final weights")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--tta", choices=CHOICES[("train", "tta")], default=None,
+                   help="test-time augmentation: average the logits of the image and its four "
+                        "one-pixel shifts (shift) or its mirror image (flip; for models trained "
+                        "with horizontal_flip); default: the run's own [train] tta")
+    p.set_defaults(func=commands.cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify image files (photos or 28x28 images) with a run")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="PNG, JPEG, WebP, ... files; photos are trimmed, resized to 28x28 and "
+                        "made a light garment on black, as Fashion-MNIST's images were")
+    p.add_argument("--checkpoint", help="a checkpoint name or epoch number instead of the final weights")
+    p.add_argument("--top", type=int, default=3, help="classes to show per image (default 3)")
+    from ..apps.predict import INVERT_CHOICES
+
+    p.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
+                   help="negate the image: auto (default) where its border is light, as a "
+                        "photo on a white background")
+    p.add_argument("--tta", choices=CHOICES[("train", "tta")], default=None,
+                   help="test-time augmentation (default: the run's own)")
+    p.add_argument("--save-inputs", metavar="DIR",
+                   help="also write each 28x28 model input as a PNG here (what the model saw)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=commands.cmd_predict)
+
+    p = sub.add_parser("export", help="write a run's model as ONNX (checked with onnxruntime)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="the .onnx file (default RUN_DIR/model.onnx)")
+    p.add_argument("--checkpoint", help="a checkpoint name or epoch number instead of the final weights")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the comparison with PyTorch in onnxruntime")
+    p.set_defaults(func=commands.cmd_export)
+
+    from ..apps.tune import list_searches
+
+    p = sub.add_parser("tune", help="search a recipe's settings with Optuna, judged on validation")
+    p.add_argument("space", help="built-in search space (one of: " + ", ".join(list_searches())
+                                 + ") or path to a search .toml")
+    p.add_argument("--trials", type=int, help="trials to run (this process)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="start no trial after this many seconds")
+    p.add_argument("--out", help="folder for trials.csv, best.toml, space.toml "
+                                 "(default runs/tune-<space>-<time>)")
+    p.add_argument("--storage", metavar="FILE",
+                   help="Optuna journal file (or an RDB URL) shared by several processes "
+                        "working on one study; default: in memory")
+    p.add_argument("--study-name", help="default: the space's name")
+    p.add_argument("--seed", type=int, help="the sampler's seed (default 0; with --storage, "
+                                            "each process draws its own)")
+    p.add_argument("--no-prune", action="store_true", help="train every trial to the end")
+    p.add_argument("--threads", type=int, help="CPU threads per trial")
+    p.add_argument("--subset", type=int, help="use the first N training images")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="fix a setting for every trial, e.g. --set train.epochs=3")
+    p.add_argument("--quiet", action="store_true", help="no line per trial")
+    p.set_defaults(func=commands.cmd_tune)
+
+    p = sub.add_parser("augment-preview", help="grid of original vs augmented training images")
+    p.add_argument("recipe")
+    p.add_argument("--out", default="augment-preview.png")
+    p.add_argument("-n", type=int, default=8, help="images to show")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=commands.cmd_augment_preview)
+
+    p = sub.add_parser("plots", help="regenerate a run's figures from its weights or a checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", help="a checkpoint name or epoch number (figures go to "
+                                        "RUN_DIR/plots/<checkpoint>/)")
+    p.add_argument("--out", help="write into this folder instead")
+    p.set_defaults(func=commands.cmd_plots)
+
+    p = sub.add_parser("compare", help="overlaid learning curves and weight histograms of runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="folder for learning_curves.png and weights.png")
+    p.set_defaults(func=commands.cmd_compare)
+
+    from ..analysis.study import list_studies
+
+    p = sub.add_parser("study", help="train every run of a study, then write its report")
+    p.add_argument("study", help="built-in study (one of: " + ", ".join(list_studies())
+                                 + ") or path to a study .toml")
+    p.add_argument("--out", help="study directory (default studies/<name>); rerunning the same "
+                                 "command skips finished runs and resumes interrupted ones")
+    p.add_argument("--epochs-scale", type=float, metavar="F",
+                   help="each recipe's epochs x F, rounded, at least 1 (quick versions)")
+    p.add_argument("--subset", type=int, metavar="N", help="use the first N training images")
+    p.add_argument("--repeats", type=int, metavar="K", help="train each run with seeds 0..K-1")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+    p.set_defaults(func=commands.cmd_study)
+
+    p = sub.add_parser("report", help="rewrite a study's report.html and report.md from its runs")
+    p.add_argument("study_dir")
+    p.set_defaults(func=commands.cmd_report)
+
+    return parser
+
+
