@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from common import OUT_DIR, machine_info, note, table, write_result
-from fashion_cnn.training import run
+import fashion_cnn as run
 from fashion_cnn.data.fashion_mnist import load_data, validation_split
 from fashion_cnn.apps.predict import predict_arrays, to_fashion_mnist
 

@@ -31,8 +31,8 @@ from pathlib import Path
 from common import OUT_DIR, fmt, machine_info, note, spread, table, write_result
 from fashion_cnn.data.fashion_mnist import load_data
 from fashion_cnn.perf import configure_runtime
-from fashion_cnn.training.run import train
-from fashion_cnn.models.zoo import list_recipes
+from fashion_cnn import train
+from fashion_cnn.training.recipes import list_recipes
 
 THRESHOLDS = [0.90, 0.926, 0.94, 0.95]  # 0.926: the seed's best test accuracy (model4)
 SEED_RECIPES = ["seed-model1", "seed-model2", "seed-model3", "seed-model4"]

@@ -33,7 +33,9 @@ from common import (OUT_DIR, TRAIN_SPLIT_IMAGES, fmt, machine_info, median, note
                     write_result)
 from fashion_cnn.data.fashion_mnist import load_data
 from fashion_cnn.perf import bf16_supported, configure_runtime
-from fashion_cnn.training.run import read_metrics, resolve_config, splits_for
+from fashion_cnn.training.recipes import resolve_config
+from fashion_cnn.training.run import splits_for
+from fashion_cnn.training.rundir import RunDir
 from fashion_cnn.models.spec import train_flops_per_image
 from fashion_cnn.training.loop import Trainer, evaluate
 
@@ -160,7 +162,7 @@ def peak_memory_of_run(recipe: str, epochs: int | None, subset: int | None,
         if child.returncode != 0:
             raise SystemExit(f"train_speed: training {recipe} in a child process failed "
                              f"(exit {child.returncode}):\n{child.stderr[-3000:]}")
-        peak = read_metrics(Path(tmp) / "run")["peak_rss_mib"]
+        peak = RunDir(Path(tmp) / "run").read_metrics()["peak_rss_mib"]
     return {"recipe": recipe, "epochs": epochs, "subset": subset,
             "peak_rss_mib": peak, "wall_seconds": wall}
 

@@ -38,7 +38,8 @@ import numpy as np
 from common import BENCH_DIR, OUT_DIR, fmt, machine_info, median, note, table, write_result
 from fashion_cnn.data.fashion_mnist import load_data
 from fashion_cnn.perf import bf16_supported, configure_runtime
-from fashion_cnn.training.run import peak_rss_mib, resolve_config, splits_for
+from fashion_cnn.training.recipes import resolve_config
+from fashion_cnn.training.run import peak_rss_mib, splits_for
 from fashion_cnn.training.loop import Trainer, evaluate
 
 DEFAULT_VENV = BENCH_DIR / ".venv-keras"

@@ -254,7 +254,7 @@ def test_dropout_lets_nan_through_as_pytorch_does():
 
 
 def test_dropout_layer_draws_its_seed_from_the_global_generator():
-    from fashion_cnn.models.build import Dropout
+    from fashion_cnn.models.modules import Dropout
 
     layer = Dropout(0.25).train()
     x = torch.randn(6, 8, 10, 10).contiguous(memory_format=torch.channels_last)
@@ -268,7 +268,7 @@ def test_dropout_layer_draws_its_seed_from_the_global_generator():
 
 
 def test_switching_kernels_off_reaches_the_dropout_layers():
-    from fashion_cnn.models.build import Dropout
+    from fashion_cnn.models.modules import Dropout
 
     model = build_model(get_model_spec("model2"), seed=0)
     layers = [m for m in model.modules() if isinstance(m, Dropout)]

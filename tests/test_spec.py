@@ -5,15 +5,19 @@ import torch
 
 from fashion_cnn.models.build import build_model
 from fashion_cnn.errors import SpecError
-from fashion_cnn.models.spec import parse_regularizer, parse_spec, summary
+from fashion_cnn.models.args import parse_regularizer
+from fashion_cnn.models.spec import parse_spec, summary
 from fashion_cnn.models.zoo import get_model_spec, list_models
 from fashion_cnn.training.recipes import list_recipes, load_config
 
 SEED_PARAMS = {"model1": 93322, "model2": 67786, "model3": 104650, "model4": 158858, "dense": 101770}
+# Keras' count for the zoo's SeparableConv2D model: 320 + 2,400 + 4,736 + 36,928 + 650
+# (SeparableConv2D: kh*kw*C*depth_multiplier + C*depth_multiplier*filters + filters)
+KERAS_PARAMS = {**SEED_PARAMS, "separable": 45034}
 
 
-@pytest.mark.parametrize("name,params", sorted(SEED_PARAMS.items()))
-def test_parameter_counts_equal_the_seed(name, params):
+@pytest.mark.parametrize("name,params", sorted(KERAS_PARAMS.items()))
+def test_parameter_counts_equal_keras(name, params):
     spec = get_model_spec(name)
     assert spec.total_params == params
     model = build_model(spec, seed=0)
@@ -221,7 +225,7 @@ def test_residual_block_shapes():
 
 def test_small_output_conv_gradients_equal_conv2d():
     # the matrix-product weight gradient, checked exactly in float32 ...
-    from fashion_cnn.models.build import _SmallOutputConv
+    from fashion_cnn.models.modules import _SmallOutputConv
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 64, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
@@ -238,7 +242,7 @@ def test_small_output_conv_gradients_equal_conv2d():
 
 def test_small_output_conv_is_used_in_bf16_training_only(monkeypatch):
     # ... and in a seed model under bf16 autocast, against oneDNN's bf16 backward
-    import fashion_cnn.models.build as build
+    import fashion_cnn.models.modules as build
     model = build_model(get_model_spec("model1"), seed=0)
     conv3 = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][2]
     x = torch.rand(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
@@ -263,7 +267,7 @@ def test_small_output_conv_is_used_in_bf16_training_only(monkeypatch):
 
 
 def test_small_dense_calls_stay_float32_under_bf16_autocast(monkeypatch):
-    import fashion_cnn.models.build as build
+    import fashion_cnn.models.modules as build
     model = build_model(get_model_spec("model2"), seed=0)
     dense = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert [type(m) for m in dense] == [build.KerasDense] * 2
@@ -283,3 +287,36 @@ def test_small_dense_calls_stay_float32_under_bf16_autocast(monkeypatch):
     assert first(x).dtype == torch.float32  # outside autocast: plain float32
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         assert first(x).dtype == torch.bfloat16  # inference stays in bf16
+
+
+def test_separable_conv2d_counts_shapes_and_initialises_as_keras():
+    spec = parse_spec({"input_shape": [13, 13, 32], "layers": [
+        {"type": "SeparableConv2D", "filters": 64, "kernel_size": 3, "depth_multiplier": 2,
+         "pointwise_regularizer": "l2(0.01)"},
+        {"type": "SeparableConv2D", "filters": 8, "kernel_size": [3, 3], "strides": 2,
+         "padding": "same", "use_bias": False},
+        {"type": "Flatten"}, {"type": "Dense", "units": 10}]})
+    first, second = spec.layers[:2]
+    # Keras: depthwise 3*3*32*2, pointwise (32*2)*64, bias 64
+    assert first.params == 3 * 3 * 32 * 2 + 64 * 64 + 64 == 4736
+    assert first.output_shape == (11, 11, 64) and first.name == "separable_conv2d"
+    assert second.params == 3 * 3 * 64 + 64 * 8 and second.output_shape == (6, 6, 8)
+    model = build_model(spec, seed=0)
+    assert sum(p.numel() for p in model.parameters()) == spec.total_params
+    x = torch.randn(2, 32, 13, 13).contiguous(memory_format=torch.channels_last)
+    assert model(x).shape == (2, 10)
+    separable = model.layers[0]
+    depthwise, pointwise = separable.depthwise, separable.pointwise
+    assert depthwise.groups == 32 and tuple(depthwise.weight.shape) == (64, 1, 3, 3)
+    assert tuple(pointwise.weight.shape) == (64, 64, 1, 1)
+    # glorot_uniform with Keras' fans: depthwise (3, 3, 32, 2) -> 288 in, 18 out
+    limit = math.sqrt(6 / (288 + 18))
+    assert depthwise.weight.abs().max() <= limit and depthwise.weight.abs().max() > 0.9 * limit
+    assert torch.count_nonzero(pointwise.bias) == 0
+    # the regularizer applies to the pointwise kernel only (Keras: 0.01 * sum(w**2))
+    expected = 0.01 * pointwise.weight.square().sum()
+    torch.testing.assert_close(model.regularization_penalty(), expected)
+    # a depthwise-separable convolution is a grouped then a 1x1 convolution
+    manual = torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, depthwise.weight, groups=32),
+                                        pointwise.weight, pointwise.bias)
+    torch.testing.assert_close(separable(x), manual)

@@ -151,7 +151,7 @@ def test_user_errors_are_one_line(args, fragment):
 
 
 def test_dropout_keeps_one_minus_rate_and_rescales():
-    from fashion_cnn.models.build import Dropout
+    from fashion_cnn.models.modules import Dropout
 
     dropout = Dropout(0.3).train()
     y = dropout(torch.ones(200_000))
@@ -164,7 +164,7 @@ def test_dropout_keeps_one_minus_rate_and_rescales():
 
 
 def test_dropout_mask_is_uniform_and_follows_the_layout():
-    from fashion_cnn.models.build import uniform_15bit_like
+    from fashion_cnn.models.modules import uniform_15bit_like
 
     torch.manual_seed(0)
     x = torch.zeros(64, 8, 20, 20).contiguous(memory_format=torch.channels_last)

@@ -3,7 +3,7 @@ curves every epoch and every figure and table of the run at the end (plots=False
 These are the package root's fashion_cnn.train and fashion_cnn.resume.
 
 >>> result = train("seed-model1", epochs=1, out="runs/demo")     # doctest: +SKIP
->>> sorted(p.name for p in (result.run_dir / "plots").glob("*.png"))[:2]  # doctest: +SKIP
+>>> sorted(p.name for p in fc.RunDir(result.run_dir).plots.glob("*.png"))[:2]  # doctest: +SKIP
 ['activations.png', 'confusion_matrix.png']
 """
 
