@@ -215,7 +215,8 @@ def test_rerun_with_other_options_is_refused(quick_study, capsys):
     assert cli.main(["study", "seed", "--out", str(quick_study), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "other settings" in err
-    assert "--epochs-scale 0.04 --subset 2000" in err and "choose another --out" in err
+    assert "--epochs-scale 0.04 --subset 2000" in err and "choose another output directory" in err
+    assert err.startswith("fashion-cnn: error: --out: ")  # the CLI names the flag
     assert read_study(quick_study).subset == 2000  # study.toml untouched
 
 

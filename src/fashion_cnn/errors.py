@@ -52,9 +52,8 @@ class TrainingStopped(Exception):
 
     def extended(self, more: str) -> "TrainingStopped":
         """The same outcome (same class and fields) with `more` added to its message."""
-        import copy
-
-        clone = copy.copy(self)
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)  # the outcome's fields (signal_name)
         clone.args = (f"{self}{more}",)
         return clone
 

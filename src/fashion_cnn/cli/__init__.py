@@ -22,8 +22,9 @@ EXIT_STOPPED = 1          # any other stop of training before its end
 
 
 def _flag_prefix(exc: UserError) -> str:
+    """"--out: " for an error about the setting that --out sets ("" where none applies)."""
     flag = FLAGS.get(exc.setting or "")
-    return f"{flag}: " if flag and flag not in str(exc) else ""
+    return f"{flag}: " if flag else ""
 
 
 def exit_code(exc: BaseException) -> int:
