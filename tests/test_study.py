@@ -241,3 +241,26 @@ def test_repeats_give_mean_and_std_over_seeds(tmp_path, real_data):
     std = abs(accuracies[0] - accuracies[1]) / 2 ** 0.5  # sample std of two values
     assert row["Test accuracy"] == f"{mean:.4f} ± {std:.4f}"
     assert write_report(tmp_path / "out")[0].is_file()
+
+
+def test_quick_study_leaves_the_full_size_references_out_of_its_panels():
+    from fashion_cnn.analysis.findings import RunSummary
+    from fashion_cnn.analysis.report import figure_references
+
+    reference = {"seed_test_accuracy": 0.91, "keras_test_accuracy": 0.905,
+                 "keras_train_seconds": 600.0}
+    runs = [RunSummary(name, "", "", reference, [name],
+                       metrics=[{"test_accuracy": acc, "train_seconds": 12.0}])
+            for name, acc in (("model1", 0.80), ("model2", 0.82))]
+
+    def bars(fig):  # (accuracy bars, time bars) drawn
+        left, right = fig.axes[:2]
+        return len(left.patches), len(right.patches)
+
+    full, quick = figure_references(runs), figure_references(runs, quick=True)
+    assert bars(full) == (6, 4)   # ours, seed, Keras per run; ours and Keras' time
+    assert bars(quick) == (2, 2)  # ours alone
+    assert "not comparable" in quick.axes[0].get_title()
+    assert "with Keras" in full.axes[1].get_title() and "Keras" not in quick.axes[1].get_title()
+    # the accuracy axis is zoomed on our bars alone, not on references far above them
+    assert quick.axes[0].get_ylim()[1] < 0.9

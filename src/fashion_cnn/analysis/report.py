@@ -27,56 +27,50 @@ from .plots import augmentation_preview, compare_runs
 FILES_DIR = "report_files"
 
 
-def figure_references(summaries: list[RunSummary], quick: bool = False):
-    """Test accuracy per model (ours, the seed's reported, Keras here) and training time per
-    model (ours vs Keras here), as grouped bars with one legend below.
+BAR_WIDTH = 0.27  # of the space between two runs' ticks
 
-    A quick study (fewer epochs or images than the study declares) is not comparable with the
-    full-size references: they are left out of both panels, and the titles say so.
-    """
-    runs = [s for s in summaries if s.finished]
-    fig = new_figure((12, 5))
-    left, right = fig.subplots(1, 2, width_ratios=[1.4, 1])
-    x = list(range(len(runs)))
-    names = [s.name for s in runs]
-    width = 0.27
-    ours_label, seed_label, keras_label = ("ours", "seed notebook (printed)",
-                                           "seed's Keras code on this machine")
-    references = [{} if quick else s.reference for s in runs]
-    series = [(ours_label, [s.mean("test_accuracy") for s in runs],
+
+def _accuracy_panel(ax, runs: list[RunSummary], references: list[dict], quick: bool) -> None:
+    """Grouped bars: our mean test accuracy (with the sd over repeats), the seed notebook's
+    printed one and the seed's Keras code run here, where the study file gives them."""
+    series = [("ours", [s.mean("test_accuracy") for s in runs],
                [s.std("test_accuracy") or 0.0 for s in runs], "C0"),
-              (seed_label, [r.get("seed_test_accuracy") for r in references], None, "C7"),
-              (keras_label, [r.get("keras_test_accuracy") for r in references], None, "C1")]
+              ("seed notebook (printed)", [r.get("seed_test_accuracy") for r in references],
+               None, "C7"),
+              ("seed's Keras code on this machine",
+               [r.get("keras_test_accuracy") for r in references], None, "C1")]
     shown = [v for _, values, _, _ in series for v in values if v is not None]
     for k, (label, values, errors, color) in enumerate(series):
-        points = [(i + (k - 1) * width, v, (errors or [0.0] * len(runs))[i])
+        points = [(i + (k - 1) * BAR_WIDTH, v, (errors or [0.0] * len(runs))[i])
                   for i, v in enumerate(values) if v is not None]
         if not points:
             continue
         xs, ys, es = zip(*points)
-        left.bar(xs, ys, width, yerr=es if any(es) else None, label=label, color=color,
-                 capsize=3)
+        ax.bar(xs, ys, BAR_WIDTH, yerr=es if any(es) else None, label=label, color=color,
+               capsize=3)
         for xi, yi in zip(xs, ys):  # values on the bars, vertical so neighbours never overlap
-            left.text(xi, yi + 0.003, f"{yi:.3f}", ha="center", va="bottom", fontsize=7.5,
-                      rotation=90)
+            ax.text(xi, yi + 0.003, f"{yi:.3f}", ha="center", va="bottom", fontsize=7.5,
+                    rotation=90)
     # Zoomed on the bars' tops (differences are a few points); headroom for the labels.
-    left.set_ylim(max(0.0, min(shown) - 0.04), max(shown) + 0.045)
-    left.set_xticks(x, names, rotation=20, ha="right", rotation_mode="anchor")
-    left.set_ylabel("test accuracy")
-    left.set_title("Test accuracy" + (" (quick study: the full-size references are not "
-                                      "comparable and left out)" if quick else ""),
-                   fontsize=10 if quick else None)
-    left.grid(True, axis="y", alpha=0.3)
+    ax.set_ylim(max(0.0, min(shown) - 0.04), max(shown) + 0.045)
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Test accuracy" + (" (quick study: the full-size references are not "
+                                    "comparable and left out)" if quick else ""),
+                 fontsize=10 if quick else None)
+
+
+def _time_panel(ax, runs: list[RunSummary], references: list[dict], quick: bool) -> None:
+    """Our training minutes per run beside the seed's Keras code's, where given."""
+    x = range(len(runs))
     ours = [(s.mean("train_seconds") or 0.0) / 60 for s in runs]
     keras = [r.get("keras_train_seconds") for r in references]
-    right.bar([i - width / 2 for i in x], ours, width, color="C0")
-    keras_bars = [(i + width / 2, v / 60) for i, v in zip(x, keras) if v is not None]
+    ax.bar([i - BAR_WIDTH / 2 for i in x], ours, BAR_WIDTH, color="C0")
+    keras_bars = [(i + BAR_WIDTH / 2, v / 60) for i, v in zip(x, keras) if v is not None]
     if keras_bars:
-        right.bar(*zip(*keras_bars), width, color="C1")
-    for xi, yi in [(i - width / 2, v) for i, v in zip(x, ours)] + keras_bars:
-        right.text(xi, yi, f"{yi:.1f}", ha="center", va="bottom", fontsize=7.5)
-    right.set_xticks(x, names, rotation=20, ha="right", rotation_mode="anchor")
-    right.set_ylabel("training time (min)")
+        ax.bar(*zip(*keras_bars), BAR_WIDTH, color="C1")
+    for xi, yi in [(i - BAR_WIDTH / 2, v) for i, v in zip(x, ours)] + keras_bars:
+        ax.text(xi, yi, f"{yi:.1f}", ha="center", va="bottom", fontsize=7.5)
+    ax.set_ylabel("training time (min)")
     keras_total = sum(v for v in keras if v is not None) / 60
     if keras_total:  # compare like with like: only the runs that have a Keras time
         ours_matched = sum(o for o, k in zip(ours, keras) if k is not None)
@@ -85,9 +79,27 @@ def figure_references(summaries: list[RunSummary], quick: bool = False):
     else:
         title = f"Training time: {sum(ours):.1f} min in all" + (
             "\n(quick study: no full-size reference)" if quick else "")
-    right.set_title(title, fontsize=10)
-    right.grid(True, axis="y", alpha=0.3)
-    right.margins(y=0.12)
+    ax.set_title(title, fontsize=10)
+    ax.margins(y=0.12)
+
+
+def figure_references(summaries: list[RunSummary], quick: bool = False):
+    """Test accuracy per model (ours, the seed's reported, Keras here) and training time per
+    model (ours vs Keras here), as grouped bars with one legend below.
+
+    A quick study (fewer epochs or images than the study declares) is not comparable with the
+    full-size references: they are left out of both panels, and the titles say so.
+    """
+    runs = [s for s in summaries if s.finished]
+    references = [{} if quick else s.reference for s in runs]
+    fig = new_figure((12, 5))
+    left, right = fig.subplots(1, 2, width_ratios=[1.4, 1])
+    _accuracy_panel(left, runs, references, quick)
+    _time_panel(right, runs, references, quick)
+    for ax in (left, right):
+        ax.set_xticks(range(len(runs)), [s.name for s in runs], rotation=20, ha="right",
+                      rotation_mode="anchor")
+        ax.grid(True, axis="y", alpha=0.3)
     handles, labels = left.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=9)
     return fig

@@ -270,46 +270,9 @@ def _best(study):
         return None
 
 
-def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float | None = None,
-         out: str | os.PathLike | None = None, storage: str | os.PathLike | None = None,
-         study_name: str | None = None, seed: int | None = None, prune: bool = True, data=None,
-         progress: bool = True, **overrides) -> TuneResult:
-    """Search `space` (a built-in name, a TOML path or a SearchSpace) for `trials` trials or
-    `timeout` seconds (at least one of them), judging each trial by its validation objective.
-
-    `overrides` ("section.key" = value) apply to every trial, over the space's [set] (e.g.
-    {"train.threads": 1} for one of several processes sharing a study). `seed` seeds the
-    sampler; by default 0, except with a shared `storage`, where each process must sample
-    differently and so draws its own.
-    """
-
-    optuna = require_module("optuna", "tune", INSTALL_HINT)
-    if trials is None and timeout is None:
-        raise UserError("give the number of trials (--trials) or a time limit (--timeout), or both")
-    if trials is not None and trials < 1:
-        raise UserError(f"--trials must be at least 1, got {trials}")
-    if isinstance(space, str):
-        space = load_space(space)
-    space = replace(space, fixed={**space.fixed, **overrides})
-    base = check_space(space)
-    out_dir = Path(out) if out else Path("runs") / f"tune-{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(fileio.describe_os_error(out_dir, exc)) from None
-    fileio.write_text(out_dir / "space.toml", _space_toml(space))
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
-    study = optuna.create_study(
-        study_name=study_name or space.name, storage=_storage(optuna, storage),
-        load_if_exists=True, direction=space.direction,
-        sampler=optuna.samplers.TPESampler(seed=seed if seed is not None or storage else 0),
-        # a trial is judged from its second epoch on (the first says little under a warm-up),
-        # against the trials before it at the same epoch, once three have finished
-        pruner=(optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
-                if prune else optuna.pruners.NopPruner()))
-    data = data if data is not None else load_data(base.data.data_dir or None)
-
+def _make_objective(optuna, space: SearchSpace, data):
+    """Optuna's objective: train one sampled config, reporting each epoch to the pruner; the
+    last epoch's objective. A diverging setting fails the trial (caught), not the search."""
     def objective(trial):
         sampled = suggest(trial, space)
         cfg = resolve_config(space.recipe, **space.fixed, **sampled)
@@ -329,6 +292,11 @@ def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float 
             raise _Diverged(f"{space.objective} is {value}")
         return value
 
+    return objective
+
+
+def _make_after_trial(space: SearchSpace, out_dir: Path, progress: bool):
+    """Optuna's trial callback: rewrite best.toml and trials.csv, print the trial's line."""
     def after_trial(study, trial):
         best = _best(study)
         if best is not None:
@@ -342,10 +310,58 @@ def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float 
         if progress:
             print(_trial_line(trial, best, space), flush=True)
 
+    return after_trial
+
+
+def _create_study(optuna, space: SearchSpace, storage, study_name: str | None,
+                  seed: int | None, prune: bool):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
+    return optuna.create_study(
+        study_name=study_name or space.name, storage=_storage(optuna, storage),
+        load_if_exists=True, direction=space.direction,
+        sampler=optuna.samplers.TPESampler(seed=seed if seed is not None or storage else 0),
+        # a trial is judged from its second epoch on (the first says little under a warm-up),
+        # against the trials before it at the same epoch, once three have finished
+        pruner=(optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+                if prune else optuna.pruners.NopPruner()))
+
+
+def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float | None = None,
+         out: str | os.PathLike | None = None, storage: str | os.PathLike | None = None,
+         study_name: str | None = None, seed: int | None = None, prune: bool = True, data=None,
+         progress: bool = True, **overrides) -> TuneResult:
+    """Search `space` (a built-in name, a TOML path or a SearchSpace) for `trials` trials or
+    `timeout` seconds (at least one of them), judging each trial by its validation objective.
+
+    `overrides` ("section.key" = value) apply to every trial, over the space's [set] (e.g.
+    {"train.threads": 1} for one of several processes sharing a study). `seed` seeds the
+    sampler; by default 0, except with a shared `storage`, where each process must sample
+    differently and so draws its own.
+    """
+    optuna = require_module("optuna", "tune", INSTALL_HINT)
+    if trials is None and timeout is None:
+        raise UserError("give the number of trials or a time limit in seconds, or both",
+                        setting="trials")
+    if trials is not None and trials < 1:
+        raise UserError(f"the number of trials must be at least 1, got {trials}",
+                        setting="trials")
+    if isinstance(space, str):
+        space = load_space(space)
+    space = replace(space, fixed={**space.fixed, **overrides})
+    base = check_space(space)
+    out_dir = Path(out) if out else Path("runs") / f"tune-{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(fileio.describe_os_error(out_dir, exc), setting="out") from None
+    fileio.write_text(out_dir / "space.toml", _space_toml(space))
+    study = _create_study(optuna, space, storage, study_name, seed, prune)
+    data = data if data is not None else load_data(base.data.data_dir or None)
     interrupted = False
     try:
-        study.optimize(objective, n_trials=trials, timeout=timeout, catch=(_Diverged,),
-                       callbacks=[after_trial], gc_after_trial=True)
+        study.optimize(_make_objective(optuna, space, data), n_trials=trials, timeout=timeout,
+                       catch=(_Diverged,), callbacks=[_make_after_trial(space, out_dir, progress)],
+                       gc_after_trial=True)
     except KeyboardInterrupt:
         interrupted = True
         fileio.write_text(out_dir / "trials.csv", trials_csv(study, space))

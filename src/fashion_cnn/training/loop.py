@@ -175,12 +175,12 @@ class Trainer:
         return self.state.history
 
     def train_one_epoch(self) -> dict:
-        cfg, s, model = self.config.train, self.state, self.model
-        model.train()
+        s = self.state
+        self.model.train()
         started = time.perf_counter() - s.epoch_seconds
         losses = torch.zeros(self.steps_per_epoch)  # per-batch loss, read only for the NaN guard
         checked = s.batch_in_epoch
-        regularized = model.has_regularizers
+        regularized = self.model.has_regularizers
         while s.batch_in_epoch < self.steps_per_epoch:
             if self._pause_hook:
                 fileio._fault_hook("batch", f"epoch={s.epoch + 1},batch={s.batch_in_epoch};",
@@ -188,48 +188,8 @@ class Trainer:
             if self.world > 1:
                 self._agree_on_stop()
             if self.stop_request:
-                # never checkpoint weights that a non-finite loss has already spoiled
-                self._check_finite(losses, checked, s.batch_in_epoch)
-                s.epoch_seconds = time.perf_counter() - started
-                if self.world > 1:  # process 0 checkpoints: every process's state, and sums
-                    self.process_rng_states = distributed.gather(self._rng_state())
-                    distributed.all_reduce(s.sums)
-                self._call("on_interrupt")
-                distributed.barrier()  # the others exit once process 0's checkpoint is written
-                raise Interrupted(
-                    f"stopped by {self.stop_request} at epoch {s.epoch + 1}, batch "
-                    f"{s.batch_in_epoch} of {self.steps_per_epoch}", self.stop_request)
-            set_lr(self.optimizer, lr_at(s.step, self.total_steps, cfg))
-            x, y, batch_size = self._batch()
-            with autocast(cfg.precision):
-                logits = self.forward(x)
-            if self.world == 1:
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            else:
-                # this share's sum, weighted so that DistributedDataParallel's mean over the
-                # processes is the gradient of the whole batch's mean loss
-                loss_sum = F.cross_entropy(logits.float(), y, reduction="sum",
-                                           label_smoothing=cfg.label_smoothing)
-                loss = loss_sum * (self.world / batch_size)
-            penalty = model.regularization_penalty() if regularized else None
-            total = loss + penalty if penalty is not None else loss
-            self._clear_grads()
-            total.backward()
-            self.optimizer.step()
-            with torch.no_grad():
-                n = y.numel()
-                if self.world > 1:  # the share's loss sum, as a single process counts it
-                    loss_sum = loss_sum.detach()
-                    total_n = (loss_sum + penalty.detach() * n if penalty is not None
-                               else loss_sum).double()
-                else:
-                    total_n = total.detach().double() * n
-                s.sums += torch.stack([total_n,
-                                       (penalty.detach().double() if penalty is not None
-                                        else torch.zeros((), dtype=torch.float64)) * n,
-                                       (logits.argmax(1) == y).sum().double(),
-                                       torch.tensor(float(n), dtype=torch.float64)])
-                losses[s.batch_in_epoch] = total.detach()
+                self._stop_at_batch(losses, checked, started)
+            losses[s.batch_in_epoch] = self._step(regularized)
             s.batch_in_epoch += 1
             s.step += 1
             if s.batch_in_epoch - checked >= NAN_CHECK_EVERY or s.batch_in_epoch == self.steps_per_epoch:
@@ -246,6 +206,57 @@ class Trainer:
         s.epoch_seconds = 0.0
         logs["seconds"] = time.perf_counter() - started
         return logs
+
+    def _step(self, regularized: bool) -> torch.Tensor:
+        """One optimizer step on the next batch; adds its loss, penalty and correct count to
+        the epoch's sums; the batch's loss (a 0-dim tensor, not read here: no host sync)."""
+        cfg, s, model = self.config.train, self.state, self.model
+        set_lr(self.optimizer, lr_at(s.step, self.total_steps, cfg))
+        x, y, batch_size = self._batch()
+        with autocast(cfg.precision):
+            logits = self.forward(x)
+        if self.world == 1:
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        else:
+            # this share's sum, weighted so that DistributedDataParallel's mean over the
+            # processes is the gradient of the whole batch's mean loss
+            loss_sum = F.cross_entropy(logits.float(), y, reduction="sum",
+                                       label_smoothing=cfg.label_smoothing)
+            loss = loss_sum * (self.world / batch_size)
+        penalty = model.regularization_penalty() if regularized else None
+        total = loss + penalty if penalty is not None else loss
+        self._clear_grads()
+        total.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            n = y.numel()
+            if self.world > 1:  # the share's loss sum, as a single process counts it
+                loss_sum = loss_sum.detach()
+                total_n = (loss_sum + penalty.detach() * n if penalty is not None
+                           else loss_sum).double()
+            else:
+                total_n = total.detach().double() * n
+            s.sums += torch.stack([total_n,
+                                   (penalty.detach().double() if penalty is not None
+                                    else torch.zeros((), dtype=torch.float64)) * n,
+                                   (logits.argmax(1) == y).sum().double(),
+                                   torch.tensor(float(n), dtype=torch.float64)])
+        return total.detach()
+
+    def _stop_at_batch(self, losses: torch.Tensor, checked: int, started: float) -> None:
+        """A stop was asked for (a signal): checkpoint here, between batches, and raise
+        Interrupted."""
+        s = self.state
+        # never checkpoint weights that a non-finite loss has already spoiled
+        self._check_finite(losses, checked, s.batch_in_epoch)
+        s.epoch_seconds = time.perf_counter() - started
+        if self.world > 1:  # process 0 checkpoints: every process's state, and sums
+            self.process_rng_states = distributed.gather(self._rng_state())
+            distributed.all_reduce(s.sums)
+        self._call("on_interrupt")
+        distributed.barrier()  # the others exit once process 0's checkpoint is written
+        raise Interrupted(f"stopped by {self.stop_request} at epoch {s.epoch + 1}, batch "
+                          f"{s.batch_in_epoch} of {self.steps_per_epoch}", self.stop_request)
 
     def _clear_grads(self) -> None:
         """optimizer.zero_grad(set_to_none=True) without its wrapper (a profiler label and a
