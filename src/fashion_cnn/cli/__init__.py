@@ -14,8 +14,10 @@ from .parser import build_parser
 
 # Library settings (config keys and API arguments) -> the flags that set them.
 FLAGS = {"out": "--out", "n": "-n", "train.epochs": "--epochs", "train.lr": "--lr",
-         "train.compile": "--compile", "data.subset": "--subset", "trials": "--trials",
-         "timeout": "--timeout", "top": "--top"}
+         "train.compile": "--compile", "data.subset": "--subset", "data.data_dir": "--data-dir",
+         "checkpoint.save_best_only": "--save-best-only",
+         "checkpoint.early_stopping": "--early-stopping",
+         "checkpoint.restore_best": "--restore-best", "trials": "--trials", "top": "--top"}
 EXIT_USER_ERROR = 2       # a bad option, file or config
 EXIT_NON_FINITE_LOSS = 3  # training diverged
 EXIT_STOPPED = 1          # any other stop of training before its end

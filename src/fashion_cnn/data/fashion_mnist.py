@@ -85,7 +85,8 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     if data_dir:
         missing = [stem for stem, _, _ in FILES.values() if not _file_in(Path(data_dir), stem)]
         raise DataError(f"{Path(data_dir) / missing[0]}[.gz]: file not found "
-                        f"(--data-dir must hold the four Fashion-MNIST IDX files)")
+                        f"(the data directory must hold the four Fashion-MNIST IDX files)",
+                        setting="data.data_dir")
     looked = ", ".join(str(d) for d in dirs)
     raise DataError(f"Fashion-MNIST not found (looked in {looked}); install it with "
                     f"`apt-get install dataset-fashion-mnist`, set FASHION_MNIST_DIR, "
@@ -293,7 +294,8 @@ def make_splits(data: FashionMNIST, *, subset: int | None = None, val_fraction: 
     train_images, train_labels = data.train_images, data.train_labels
     if subset is not None:
         if subset < 2:
-            raise DataError(f"--subset must be at least 2, got {subset}")
+            raise DataError(f"the subset must be at least 2 images, got {subset}",
+                            setting="data.subset")
         train_images, train_labels = train_images[:subset], train_labels[:subset]
     fit, val = validation_split(len(train_images), val_fraction)
 

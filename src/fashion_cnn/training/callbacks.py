@@ -98,12 +98,13 @@ def check_options(cfg) -> None:
     c = cfg.checkpoint
     ModelCheckpoint(Path("."), c.every, c.filename)  # validates the name pattern
     if c.monitor.startswith("val_") and cfg.data.validation_split == 0:
-        for wanted, flag in ((c.save_best_only, "--save-best-only"),
-                             (c.early_stopping, "--early-stopping"),
-                             (c.restore_best, "--restore-best")):
+        for wanted, key in ((c.save_best_only, "checkpoint.save_best_only"),
+                            (c.early_stopping, "checkpoint.early_stopping"),
+                            (c.restore_best, "checkpoint.restore_best")):
             if wanted:
-                raise UserError(f"{flag} monitors {c.monitor}, but there is no validation split "
-                                f"(set --validation-split above 0, or --monitor loss)")
+                raise UserError(f"{key} monitors {c.monitor}, but there is no validation split "
+                                f"(set data.validation_split above 0, or checkpoint.monitor = "
+                                f"\"loss\")", setting=key)
 
 
 def _monitor_missing(trainer, monitor: str) -> bool:
@@ -113,7 +114,7 @@ def _monitor_missing(trainer, monitor: str) -> bool:
 def _needs_validation(trainer, monitor: str, what: str) -> None:
     if _monitor_missing(trainer, monitor):
         raise UserError(f"{what} monitors {monitor}, but there is no validation split "
-                        f"(set --validation-split above 0, or --monitor loss)")
+                        f"(set data.validation_split above 0, or checkpoint.monitor = \"loss\")")
 
 
 class ModelCheckpoint:
@@ -146,7 +147,7 @@ class ModelCheckpoint:
 
     def on_train_begin(self, trainer):
         if self.save_best_only:
-            _needs_validation(trainer, self.monitor, "--save-best-only")
+            _needs_validation(trainer, self.monitor, "checkpoint.save_best_only")
         elif _monitor_missing(trainer, self.monitor):
             self.keep_best = False  # nothing to rank epochs by: no `best` checkpoint
         # Resumed from `best` (a crash came between writing it and the epoch checkpoint, or the
@@ -222,7 +223,8 @@ class EarlyStopping:
         self._best_index: int | None = None
 
     def on_train_begin(self, trainer):
-        _needs_validation(trainer, self.monitor, "--early-stopping or --restore-best")
+        _needs_validation(trainer, self.monitor,
+                          "checkpoint.early_stopping or checkpoint.restore_best")
         self._check(trainer)
 
     def on_epoch_end(self, trainer, epoch, logs):

@@ -206,10 +206,12 @@ def _on_main(action):
         try:
             result = action()
         except UserError as exc:
-            error = str(exc)
+            if distributed.world()[1] == 1:
+                raise  # as it is, class and setting
+            error = (str(exc), exc.setting)
     error, result = distributed.broadcast((error, result))
     if error is not None:
-        raise UserError(error)
+        raise UserError(*error)
     return result
 
 
