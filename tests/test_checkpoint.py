@@ -1,7 +1,7 @@
 """Checkpoints, exact resume and fault tolerance.
 
 Processes are killed (SIGKILL, SIGTERM, SIGINT) at chosen points through the test hook
-FASHION_CNN_PAUSE_AT / FASHION_CNN_PAUSE_PATH / FASHION_CNN_PAUSE_MARKER (fileio._fault_hook):
+FASHION_CNN_PAUSE_AT / FASHION_CNN_PAUSE_PATH / FASHION_CNN_PAUSE_MARKER (fileio.fault_hook):
 the process pauses there and writes the marker, the test sends the signal, resumes, and compares
 the final weights tensor for tensor with an uninterrupted run of the same settings.
 Runs are tiny (600 images, 15 batches per epoch) and use one thread, so results are bit-exact.

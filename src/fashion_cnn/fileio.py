@@ -57,9 +57,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             handle.flush()
             os.fsync(handle.fileno())
-        _fault_hook("before_rename", path)
+        fault_hook("before_rename", path)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise UserError(describe_os_error(path, exc)) from None
@@ -68,7 +68,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -81,7 +81,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _fault_hook(point: str, path, until: Callable[[], bool] | None = None) -> None:
+def fault_hook(point: str, path, until: Callable[[], bool] | None = None) -> None:
     """Test hook: pause at a named point so a test can SIGKILL the process mid-write.
 
     Active only when FASHION_CNN_PAUSE_AT names the point and FASHION_CNN_PAUSE_PATH (if set)

@@ -12,14 +12,13 @@ import time
 from pathlib import Path
 
 from .. import fileio
-from ..data.fashion_mnist import load_data, to_tensor
+from ..data.fashion_mnist import to_tensor
 from ..errors import UserError
-from ..perf import configure_runtime
 from ..training.checkpoint import read_checkpoint_meta
 from ..training.config import RunConfig
 from ..training.loop import evaluate
 from ..training.recipes import resolve_config
-from ..training.run import load_model, splits_for
+from ..training.run import data_for, load_model, open_run
 from ..training.rundir import RunDir
 from .figures import (DPI, LIVE_DPI, figure_compare_curves, figure_compare_weights,
                       figure_confusion, figure_metrics, figure_png, figure_weights, save_figure)
@@ -111,7 +110,7 @@ def augmentation_preview(recipe_or_config: str | RunConfig, out: str | os.PathLi
     if n < 1:
         raise UserError(f"the number of images must be at least 1, got {n}", setting="n")
     cfg = resolve_config(recipe_or_config)
-    data = data or load_data(cfg.data.data_dir or None)
+    data = data_for(cfg, data)
     firsts = one_per_class(data.train_labels)
     extra = [i for i in range(len(data.train_labels)) if i not in set(firsts)][:max(0, n - len(firsts))]
     chosen = (firsts + extra)[:n]
@@ -166,9 +165,7 @@ def plots_from_run(run_dir: str | os.PathLike, checkpoint: str | None = None,
     else:
         history = run.read_history()
         default_out = run.plots
-    config, model = load_model(run.path, checkpoint and str(checkpoint))
-    configure_runtime(config.train.threads)
-    splits = splits_for(config, data)
+    config, model, splits = open_run(run.path, checkpoint and str(checkpoint), data)
     result = evaluate(model, splits.x_test, splits.y_test, config.train.eval_batch_size,
                       config.train.precision)
     out = Path(out_dir) if out_dir else default_out

@@ -174,12 +174,10 @@ def predict_files(run_dir: str | os.PathLike, paths, *, checkpoint: str | None =
     A file that cannot be used gets a Prediction with `error` set; the others are predicted
     all the same, in one batch.
     """
-    from ..perf import configure_runtime
-    from ..training.run import load_model
+    from ..training.run import open_run
 
     _check_invert(invert)  # before the model loads, and whether or not any image does
-    config, model = load_model(run_dir, checkpoint)
-    configure_runtime(config.train.threads)
+    config, model, _ = open_run(run_dir, checkpoint, with_splits=False)
     results = []
     for path in paths:
         try:

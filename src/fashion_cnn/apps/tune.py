@@ -40,14 +40,13 @@ from pathlib import Path
 
 from .. import fileio
 from ..catalog import file_in, names
-from ..data.fashion_mnist import load_data
 from ..errors import NonFiniteLoss, SpecError, UserError, require_module
 from ..fileio import read_toml, toml_value
 from ..perf import configure_runtime
 from ..training.config import to_toml
 from ..training.loop import Trainer
 from ..training.recipes import resolve_config
-from ..training.run import splits_for
+from ..training.run import data_for, splits_for
 
 OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
 PARAM_TYPES = ("float", "int", "categorical")
@@ -356,7 +355,7 @@ def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float 
         raise UserError(fileio.describe_os_error(out_dir, exc), setting="out") from None
     fileio.write_text(out_dir / "space.toml", _space_toml(space))
     study = _create_study(optuna, space, storage, study_name, seed, prune)
-    data = data if data is not None else load_data(base.data.data_dir or None)
+    data = data_for(base, data)
     interrupted = False
     try:
         study.optimize(_make_objective(optuna, space, data), n_trials=trials, timeout=timeout,

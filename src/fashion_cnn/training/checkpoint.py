@@ -157,7 +157,7 @@ def save_checkpoint(trainer, directory: str | os.PathLike, kind: str = "epoch") 
         raise UserError(fileio.describe_os_error(directory, exc)) from None
     try:
         _save_tensors(model_tensors(trainer.model), tmp / WEIGHTS_FILE)
-        fileio._fault_hook("mid_checkpoint", directory)
+        fileio.fault_hook("mid_checkpoint", directory)
         _save_tensors(_contiguous(state_tensors), tmp / STATE_TENSORS_FILE)
         meta["sha256"] = {name: fileio.sha256_file(tmp / name) for name in TENSOR_FILES}
         meta["checksum"] = _meta_checksum(meta)
@@ -165,8 +165,8 @@ def save_checkpoint(trainer, directory: str | os.PathLike, kind: str = "epoch") 
         for name in (*TENSOR_FILES, STATE_FILE):
             with open(tmp / name, "rb") as handle:
                 os.fsync(handle.fileno())
-        fileio._fsync_dir(tmp)
-        fileio._fault_hook("before_rename", directory)
+        fileio.fsync_dir(tmp)
+        fileio.fault_hook("before_rename", directory)
         _replace_dir(tmp, directory)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -186,9 +186,9 @@ def _replace_dir(tmp: Path, directory: Path) -> None:
         old = directory.with_name(f".{directory.name}{_OLD_SUFFIX}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
-        fileio._fault_hook("checkpoint_swap", directory)
+        fileio.fault_hook("checkpoint_swap", directory)
     os.replace(tmp, directory)
-    fileio._fsync_dir(directory.parent)
+    fileio.fsync_dir(directory.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -91,7 +91,7 @@ class Trainer:
         self.stop_reason: str | None = None   # set by callbacks that stop training, for the log
         self.interrupt_checkpoint = None      # set by ModelCheckpoint.on_interrupt
         self.last_checkpoint = None           # newest checkpoint written or resumed from
-        # test hook (fileio._fault_hook): pause at a batch boundary so a test can kill the process
+        # test hook (fileio.fault_hook): pause at a batch boundary so a test can kill the process
         self._pause_hook = os.environ.get("FASHION_CNN_PAUSE_AT") == "batch"
         if getattr(self.model, "use_fused_kernels", False):
             kernels.available()  # compile the C kernels now, not inside the first epoch
@@ -110,7 +110,8 @@ class Trainer:
         self.steps_per_epoch = max(1, int(self.full_steps * t.steps_fraction))
 
     # ------------------------------------------------------------------ callbacks
-    def _call(self, hook: str, *args) -> None:
+    def call(self, hook: str, *args) -> None:
+        """Call `hook` on every callback that defines it, in order."""
         for cb in self.callbacks:
             fn = getattr(cb, hook, None)
             if fn is not None:
@@ -157,10 +158,10 @@ class Trainer:
         """Train until `config.train.epochs` epochs are complete (or a callback stops it)."""
         if self.config.train.compile and not self.compile_seconds:
             self._compile_warmup()
-        self._call("on_train_begin")
+        self.call("on_train_begin")
         while self.state.epoch < self.config.train.epochs and not self.stop_training:
             epoch = self.state.epoch
-            self._call("on_epoch_begin", epoch)
+            self.call("on_epoch_begin", epoch)
             logs = self.train_one_epoch()
             if self.rank == 0:  # several processes: process 0 validates, and tells the others
                 logs.update({f"val_{k}": v for k, v in self.evaluate_split("val").items()})
@@ -168,10 +169,10 @@ class Trainer:
                 logs = distributed.broadcast(logs)
                 self.process_rng_states = distributed.gather(self._rng_state())
             self.state.history.append(logs)
-            self._call("on_epoch_end", epoch, logs)
+            self.call("on_epoch_end", epoch, logs)
             if self.world > 1:  # process 0's callbacks may have stopped training
                 self.stop_training = distributed.broadcast(self.stop_training)
-        self._call("on_train_end")
+        self.call("on_train_end")
         return self.state.history
 
     def train_one_epoch(self) -> dict:
@@ -183,7 +184,7 @@ class Trainer:
         regularized = self.model.has_regularizers
         while s.batch_in_epoch < self.steps_per_epoch:
             if self._pause_hook:
-                fileio._fault_hook("batch", f"epoch={s.epoch + 1},batch={s.batch_in_epoch};",
+                fileio.fault_hook("batch", f"epoch={s.epoch + 1},batch={s.batch_in_epoch};",
                                    until=lambda: self.stop_request is not None)
             if self.world > 1:
                 self._agree_on_stop()
@@ -195,7 +196,7 @@ class Trainer:
             if s.batch_in_epoch - checked >= NAN_CHECK_EVERY or s.batch_in_epoch == self.steps_per_epoch:
                 self._check_finite(losses, checked, s.batch_in_epoch)
                 checked = s.batch_in_epoch
-            self._call("on_batch_end", s.batch_in_epoch, self.steps_per_epoch)
+            self.call("on_batch_end", s.batch_in_epoch, self.steps_per_epoch)
         sums = distributed.all_reduce(s.sums.clone()) if self.world > 1 else s.sums
         loss_sum, penalty_sum, correct, seen = sums.tolist()
         logs = {"epoch": s.epoch + 1, "loss": loss_sum / seen, "accuracy": correct / seen,
@@ -253,7 +254,7 @@ class Trainer:
         if self.world > 1:  # process 0 checkpoints: every process's state, and sums
             self.process_rng_states = distributed.gather(self._rng_state())
             distributed.all_reduce(s.sums)
-        self._call("on_interrupt")
+        self.call("on_interrupt")
         distributed.barrier()  # the others exit once process 0's checkpoint is written
         raise Interrupted(f"stopped by {self.stop_request} at epoch {s.epoch + 1}, batch "
                           f"{s.batch_in_epoch} of {self.steps_per_epoch}", self.stop_request)

@@ -48,8 +48,14 @@ class RunResult:
     test_result: dict | None = None  # loop.evaluate() on the test set: logits, predictions...
 
 
+def data_for(cfg: RunConfig, data: FashionMNIST | None = None) -> FashionMNIST:
+    """`data` where given, else the dataset the config names (data.data_dir), loaded."""
+    return data if data is not None else load_data(cfg.data.data_dir or None)
+
+
 def splits_for(cfg: RunConfig, data: FashionMNIST | None = None) -> Splits:
-    data = data or load_data(cfg.data.data_dir or None)
+    """The config's training, validation and test splits (subset, padding, scaling)."""
+    data = data_for(cfg, data)
     return make_splits(data, subset=cfg.data.subset or None, val_fraction=cfg.data.validation_split,
                        pad=cfg.pad, pad_value=cfg.data.pad_value)
 
@@ -174,7 +180,7 @@ def _finish(trainer: Trainer, run_dir: RunDir, train_seconds: float) -> RunResul
         metrics["test_accuracy_without_tta"] = result["accuracy_without_tta"]
     run_dir.write_metrics(metrics)
     run = RunResult(run_dir.path, cfg, model, history, metrics, test_result=result)
-    trainer._call("on_run_end", run)
+    trainer.call("on_run_end", run)
     return run
 
 
@@ -322,13 +328,21 @@ def load_model(run_dir: str | os.PathLike, checkpoint: str | None = None) -> tup
     return cfg, model
 
 
+def open_run(run_dir: str | os.PathLike, checkpoint: str | None = None,
+             data: FashionMNIST | None = None, *, with_splits: bool = True
+             ) -> tuple[RunConfig, KerasSequential, Splits | None]:
+    """A run reloaded to be used: its config, its model (load_model), this process set to the
+    run's thread count, and its splits (None with with_splits=False)."""
+    cfg, model = load_model(run_dir, checkpoint)
+    configure_runtime(cfg.train.threads)
+    return cfg, model, splits_for(cfg, data) if with_splits else None
+
+
 def evaluate_run(run_dir: str | os.PathLike, data: FashionMNIST | None = None,
                  checkpoint: str | None = None, tta: str | None = None) -> dict:
     """Reload a run and evaluate it on the test set: loss, accuracy and per-class accuracy.
     `tta` (none | shift | flip) overrides the run's own test-time augmentation setting."""
-    cfg, model = load_model(run_dir, checkpoint)
-    configure_runtime(cfg.train.threads)
-    splits = splits_for(cfg, data)
+    cfg, model, splits = open_run(run_dir, checkpoint, data)
     tta = cfg.train.tta if tta is None else tta
     start = time.perf_counter()
     result = evaluate(model, splits.x_test, splits.y_test, cfg.train.eval_batch_size,
