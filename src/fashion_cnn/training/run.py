@@ -29,8 +29,10 @@ from ..errors import Interrupted, UserError
 from ..models.build import KerasSequential, build_model
 from ..perf import configure_runtime, return_freed_memory
 from . import distributed
-from .callbacks import EarlyStopping, HistoryWriter, ModelCheckpoint, ProgressBar, best_epoch, check_options
-from .checkpoint import checkpoint_weights, load_checkpoint, load_weights, newest_intact, recover_checkpoints, save_weights
+from .callbacks import (EarlyStopping, HistoryWriter, ModelCheckpoint, ProgressBar, best_epoch,
+                        check_options)
+from .checkpoint import (checkpoint_weights, load_checkpoint, load_weights, newest_intact,
+                         recover_checkpoints, save_weights)
 from .config import RunConfig
 from .loop import Trainer, evaluate
 from .recipes import resolve_config
