@@ -312,6 +312,9 @@ def test_accuracy_ticks_say_what_they_mark(low, high):
     assert len(ticks) >= 2 and len(labels) == len(ax.get_yticks())
     for value, label in zip(ax.get_yticks(), labels):  # the label, read back, is the tick
         assert float(label.rstrip("%")) == pytest.approx(100 * value, abs=1e-9)
+    # and carries no decimal that every label has as zero ("80.0%")
+    decimals = [label.rstrip("%").partition(".")[2] for label in labels]
+    assert not all(d and set(d) == {"0"} for d in decimals)
 
 
 def test_activations_show_every_conv_layer_for_one_image_per_class():

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from matplotlib.ticker import Formatter, MaxNLocator
 
 from .. import fileio
 from ..data.fashion_mnist import CLASS_NAMES
@@ -108,12 +108,28 @@ def _draw_metric_panels(axes, history: list[dict], epochs: int) -> None:
             ax.legend(loc="lower right" if key == "accuracy" else "upper right", fontsize=9)
 
 
+class _PercentTicks(Formatter):
+    """Fractions as percents with as many decimals as the step between ticks needs: "78%" for
+    2 % steps, "89.5%" for 0.5 % steps (no "80.0%", and no label rounded off its tick)."""
+
+    decimals = 0
+
+    def format_ticks(self, values):
+        ordered = sorted(values)
+        step = min((b - a for a, b in zip(ordered, ordered[1:])), default=0.01) * 100
+        self.decimals = max(0, -math.floor(math.log10(step) + 1e-9)) if step > 0 else 0
+        return [self(value) for value in values]
+
+    def __call__(self, x, pos=None):
+        return f"{x * 100:.{self.decimals}f}%"
+
+
 def _percent_axis(axis) -> None:
     """Accuracies (fractions) shown as percents, with ticks where the label is exact: steps
     of 1, 2 or 5 times a power of ten (no 2.5 % steps that a whole-percent label would round),
     and as many decimals as the step needs."""
     axis.set_major_locator(MaxNLocator(nbins=8, steps=[1, 2, 5, 10]))
-    axis.set_major_formatter(PercentFormatter(1.0, decimals=None))
+    axis.set_major_formatter(_PercentTicks())
 
 
 def _best_val_epoch(history: list[dict]) -> int | None:
