@@ -210,8 +210,11 @@ def test_tta_averages_the_logits_of_the_views():
 
 def test_run_with_tta_reports_both_accuracies_and_evaluate_can_switch_it(real_data, tmp_path):
     out = tmp_path / "r"
+    # fp32: the subject is what is reported, and 4 evaluations of 5 views of the 10,000 test
+    # images cost minutes in bf16 on a CPU that only emulates it
     result = fc.train("fast", out, data=real_data, progress=False, plots=False, subset=1000,
-                       epochs=1, **{"train.tta": "shift", "data.validation_split": 0.1})
+                       epochs=1, **{"train.tta": "shift", "data.validation_split": 0.1,
+                                    "train.precision": "fp32"})
     metrics = result.metrics
     assert metrics["tta"] == "shift"
     assert {"val_accuracy_tta", "test_accuracy_without_tta"} <= set(metrics)
@@ -226,7 +229,8 @@ def test_run_with_tta_reports_both_accuracies_and_evaluate_can_switch_it(real_da
 
 def test_run_without_validation_split_trains_on_everything_and_reports_no_val(real_data, tmp_path):
     result = fc.train("fast", tmp_path / "r", data=real_data, progress=False, plots=True,
-                       subset=600, epochs=1, **{"data.validation_split": 0.0})
+                       subset=600, epochs=1, **{"data.validation_split": 0.0,
+                                                "train.precision": "fp32"})
     metrics = result.metrics
     assert metrics["val_accuracy"] is None and metrics["best_val_accuracy"] is None
     assert "val_accuracy_tta" not in metrics and metrics["best_epoch"] is None
