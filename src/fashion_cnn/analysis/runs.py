@@ -19,12 +19,14 @@ from .plots import figure_callbacks
 def train(name_or_config, out: str | os.PathLike | None = None, *, plots: bool = True,
           callbacks=(), **options) -> RunResult:
     """training.run.train with the run's figures (see the module docstring)."""
-    extra = [*figure_callbacks(), *callbacks] if plots else list(callbacks)
-    return runs.train(name_or_config, out, callbacks=extra, **options)
+    return runs.train(name_or_config, out, callbacks=_with_figures(plots, callbacks), **options)
 
 
 def resume(run_dir: str | os.PathLike, *, plots: bool = True, callbacks=(),
            **options) -> RunResult:
     """training.run.resume with the run's figures (see the module docstring)."""
-    extra = [*figure_callbacks(), *callbacks] if plots else list(callbacks)
-    return runs.resume(run_dir, callbacks=extra, **options)
+    return runs.resume(run_dir, callbacks=_with_figures(plots, callbacks), **options)
+
+
+def _with_figures(plots: bool, callbacks) -> list:
+    return [*figure_callbacks(), *callbacks] if plots else list(callbacks)

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import fileio
-from ..data.fashion_mnist import load_data
 from ..errors import CheckpointError, SpecError, TrainingStopped, UserError
 from ..training.config import RunConfig
-from ..training.run import config_differences
+from ..training.run import config_differences, data_for
 from ..training.rundir import RunDir
 from .plots import plots_from_run
 from .report import write_report
@@ -132,17 +131,17 @@ def run_study(name_or_path: str, out: str | os.PathLike | None = None, *,
         fileio.write_text(recorded, resolved)
     loaded = {}  # data_dir -> FashionMNIST, each decoded once for the whole study
 
-    def data_for(cfg: RunConfig):
+    def cached_data(cfg: RunConfig):
         key = cfg.data.data_dir or ""
         if key not in loaded:
-            loaded[key] = data if data is not None else load_data(key or None)
+            loaded[key] = data_for(cfg, data)
         return loaded[key]
 
     done = {}
     for index, (dir_name, cfg) in enumerate(plan, 1):
         head = f"[{index}/{len(plan)}] {dir_name}"
         try:
-            status = _run_one(RunDir(study_dir / dir_name), cfg, data_for(cfg), progress,
+            status = _run_one(RunDir(study_dir / dir_name), cfg, cached_data(cfg), progress,
                               lambda text: log(f"{head}: {text}"))
         except TrainingStopped as stop:
             raise stop.extended(f"; or continue the whole study with: "
@@ -156,7 +155,7 @@ def run_study(name_or_path: str, out: str | os.PathLike | None = None, *,
             "(`fashion-cnn report` rewrites it)")
         result.report = paths
     elif report:
-        result.report = write_report(study_dir, data=data_for(plan[0][1]))
+        result.report = write_report(study_dir, data=cached_data(plan[0][1]))
     return result
 
 

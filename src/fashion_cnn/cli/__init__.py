@@ -17,7 +17,7 @@ FLAGS = {"out": "--out", "n": "-n", "train.epochs": "--epochs", "train.lr": "--l
          "train.compile": "--compile", "data.subset": "--subset", "data.data_dir": "--data-dir",
          "checkpoint.save_best_only": "--save-best-only",
          "checkpoint.early_stopping": "--early-stopping",
-         "checkpoint.restore_best": "--restore-best", "trials": "--trials", "top": "--top"}
+         "checkpoint.restore_best": "--restore-best", "trials": "--trials"}
 EXIT_USER_ERROR = 2       # a bad option, file or config
 EXIT_NON_FINITE_LOSS = 3  # training diverged
 EXIT_STOPPED = 1          # any other stop of training before its end
