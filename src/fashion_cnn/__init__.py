@@ -1,4 +1,5 @@
-"""fashion-cnn: train, study and use CNN classifiers on Fashion-MNIST, in Keras' vocabulary on PyTorch.
+"""fashion-cnn: train, study and use small CNN image classifiers (Fashion-MNIST or your own
+images), in Keras' vocabulary on PyTorch.
 
 The package is laid out by layer, each importing only from those below it:
 data -> models -> training -> analysis -> apps -> cli. Everything a notebook needs is here:
@@ -19,13 +20,17 @@ from .analysis.study_run import run_study
 from .apps.export import export_onnx
 from .apps.predict import predict_files, save_inputs
 from .apps.tune import tune
-from .data.fashion_mnist import CLASS_NAMES, class_counts, load_data, make_splits
+from .data.arrays import ImageData, class_counts, make_splits
+from .data.fashion_mnist import CLASS_NAMES, load_data
+from .data.images import write_image_folder
+from .data.sources import open_dataset
 from .errors import (CheckpointError, DataError, Interrupted, NonFiniteLoss, SpecError,
                      TrainingStopped, UserError)
 from .models.build import build_model
 from .models.spec import parse_spec, summary
 from .models.zoo import get_model_spec, list_models
-from .training.config import RunConfig
+from .models.spec import adapt_spec
+from .training.config import RunConfig, bind_to_data
 from .training.loop import Trainer, evaluate
 from .training.recipes import list_recipes, load_config, resolve_config
 from .training.run import RunResult, evaluate_run, load_model
@@ -33,10 +38,11 @@ from .training.rundir import RunDir
 
 __all__ = [
     # data and models
-    "CLASS_NAMES", "class_counts", "load_data", "make_splits", "build_model", "parse_spec",
-    "summary", "get_model_spec", "list_models",
+    "CLASS_NAMES", "ImageData", "class_counts", "load_data", "open_dataset", "make_splits",
+    "write_image_folder",
+    "build_model", "parse_spec", "adapt_spec", "summary", "get_model_spec", "list_models",
     # configuration and training
-    "RunConfig", "list_recipes", "load_config", "resolve_config", "Trainer", "evaluate", "train",
+    "RunConfig", "bind_to_data", "list_recipes", "load_config", "resolve_config", "Trainer", "evaluate", "train",
     "resume", "RunResult", "RunDir", "evaluate_run", "load_model",
     # analysis
     "LivePlot", "confusion_matrix", "per_class_table", "softmax", "figure_metrics",

@@ -247,13 +247,25 @@ def _range_text(value_range) -> str:
     return f"{HIST_BINS} bins on {value_range[0]:g}..{value_range[1]:g}, density"
 
 
+def named_weight_layers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, kernel) of every Conv2D and Dense layer: a spec model's own list, or for any
+    other module each nn.Conv2d and nn.Linear by its qualified name, in definition order."""
+    if hasattr(model, "named_weight_layers"):
+        return model.named_weight_layers()
+    return [(name, module.weight.detach()) for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))
+            and isinstance(module.weight, torch.Tensor)
+            and not isinstance(module.weight, torch.nn.parameter.UninitializedParameter)]
+
+
 def figure_weights(model_or_layers, title: str | None = None, cols: int = 3,
                    value_range: tuple[float, float] | None = None) -> Figure:
     """A histogram of the kernel of every Conv2D and Dense layer: HIST_BINS bins over each
     layer's own range, or over `value_range` for all (the seed's view: SEED_HIST_RANGE).
-    Accepts a model (KerasSequential) or a list of (name, kernel)."""
-    layers = (model_or_layers.named_weight_layers() if hasattr(model_or_layers, "named_weight_layers")
-              else list(model_or_layers))
+    Accepts a model (a KerasSequential or any torch.nn.Module: its nn.Conv2d and nn.Linear
+    modules) or a list of (name, kernel)."""
+    layers = (named_weight_layers(model_or_layers)
+              if isinstance(model_or_layers, torch.nn.Module) else list(model_or_layers))
     cols = max(1, min(cols, len(layers)))
     rows = max(1, math.ceil(len(layers) / cols))
     height = 3 * rows + 0.5
@@ -267,6 +279,8 @@ def figure_weights(model_or_layers, title: str | None = None, cols: int = 3,
             ax.set_ylabel("density")
         if k >= len(layers) - cols:
             ax.set_xlabel("weight value")
+    if not layers:
+        fig.text(0.5, 0.5, "This model has no Conv2D or Dense layer.", ha="center", fontsize=12)
     fig.suptitle(f"{title or 'Kernel weights of each layer (biases excluded)'} "
                  f"({_range_text(value_range)})")
     return fig

@@ -15,13 +15,28 @@ from matplotlib.patches import Rectangle
 
 from ..data.augment import AugmentConfig, augment_batch, resamples
 from ..data.fashion_mnist import CLASS_NAMES
+from ..models.build import KerasSequential
 from .figures import CORRECT_COLOR, WRONG_COLOR, new_figure
 from .metrics import one_per_class
 
 
 def _images(x: torch.Tensor) -> np.ndarray:
-    """(N, 1, H, W) tensor (any memory format) -> (N, H, W) numpy."""
-    return torch.as_tensor(x).detach().float().contiguous()[:, 0].numpy()
+    """(N, 1, H, W) tensor (any memory format) -> (N, H, W) numpy; a colour (N, 3, H, W) one
+    -> (N, H, W, 3) in [0, 1], each image stretched to its own range, as imshow shows RGB."""
+    a = torch.as_tensor(x).detach().float().contiguous()
+    if a.shape[1] == 1:
+        return a[:, 0].numpy()
+    a = a.permute(0, 2, 3, 1).numpy()
+    low, high = a.min(axis=(1, 2, 3), keepdims=True), a.max(axis=(1, 2, 3), keepdims=True)
+    return (a - low) / np.where(high > low, high - low, 1.0)
+
+
+def _show(ax, image: np.ndarray, **kwargs) -> None:
+    """imshow of one image: grayscale (H, W) with the seed's colour map, RGB as it is."""
+    if image.ndim == 2:
+        ax.imshow(image, cmap="binary", **kwargs)
+    else:
+        ax.imshow(image, **{k: v for k, v in kwargs.items() if k not in ("vmin", "vmax")})
 
 
 def prediction_color(predicted: int, true: int) -> str:
@@ -38,8 +53,12 @@ def bar_colors(probabilities, true: int) -> list[str]:
     return colors
 
 
-def _class_key(class_names) -> str:
-    return ",  ".join(f"{i} {name}" for i, name in enumerate(class_names))
+def _class_key(class_names, prefix: str = "", width: int = 170) -> str:
+    """"prefix 0 name,  1 name, ...", wrapped to lines of `width` characters."""
+    import textwrap
+
+    text = prefix + ",  ".join(f"{i}\u00a0{name}" for i, name in enumerate(class_names))
+    return textwrap.fill(text, width, break_on_hyphens=False)
 
 
 def _tile_canvas(width_units: float, height_units: float, width_inches: float,
@@ -62,7 +81,7 @@ def _tile_canvas(width_units: float, height_units: float, width_inches: float,
 
 def _image_tile(ax, image: np.ndarray, x0: float, y0: float, size: float = 1.0) -> None:
     """Draw `image` (H, W) into the square [x0, x0+size] x [y0, y0+size], with a thin frame."""
-    ax.imshow(image, cmap="binary", interpolation="nearest", extent=(x0, x0 + size, y0, y0 + size))
+    _show(ax, image, interpolation="nearest", extent=(x0, x0 + size, y0, y0 + size))
     ax.add_patch(Rectangle((x0, y0), size, size, fill=False, edgecolor="0.75", linewidth=0.6))
 
 
@@ -79,7 +98,10 @@ def figure_predictions(images, labels, probabilities, rows: int = 5, cols: int =
     n_classes = p.shape[1] if p.ndim == 2 else len(class_names)
     # Units: the image is 1x1; its bars span 1.25 to its right; captions take 0.45 below.
     bars_x, bars_w, cell_w, cell_h, caption_h = 1.17, 1.25, 2.75, 1.62, 0.45
-    fig, ax, height = _tile_canvas(cols * cell_w, rows * cell_h, 11.0, 0.5, 0.4)
+    key = _class_key(class_names, "Bars: probability of each class (red = predicted, "
+                                  "blue = true).  ")
+    key_lines = key.count("\n") + 1
+    fig, ax, height = _tile_canvas(cols * cell_w, rows * cell_h, 11.0, 0.5, 0.25 + 0.16 * key_lines)
     pitch = bars_w / n_classes
     for i in range(count):
         r, c = divmod(i, cols)
@@ -100,8 +122,7 @@ def figure_predictions(images, labels, probabilities, rows: int = 5, cols: int =
             ax.text(cx, y0 - 0.03, str(k), ha="center", va="top", fontsize=7, color="0.3")
     fig.suptitle(f"First {count} test images: predicted class, confidence (true class); "
                  f"blue = right, red = wrong", y=1 - 0.12 / height, va="top")
-    fig.text(0.5, 0.12 / height, "Bars: probability of each class (red = predicted, "
-             "blue = true).  " + _class_key(class_names), ha="center", fontsize=8.5)
+    fig.text(0.5, 0.08 / height, key, ha="center", va="bottom", fontsize=8.5)
     return fig
 
 
@@ -138,10 +159,61 @@ def figure_misclassified(images, labels, probabilities, count: int = 15, cols: i
 TILE_GAP = 0.12  # gap between feature-map tiles, as a fraction of a tile
 
 
+# activation modules whose output conv_activations shows in place of the convolution's just before
+_ACTIVATIONS = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.GELU,
+                torch.nn.SiLU, torch.nn.Mish, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Hardswish)
+
+
+def _module_conv_activations(model: torch.nn.Module,
+                             x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """conv_activations for any module: the output of every nn.Conv2d, by qualified name, in
+    the order they run; where the next module of the same nn.Sequential is an activation
+    (nn.ReLU...) used only there, that activation's output instead."""
+    parents = {name: module for name, module in model.named_modules()}
+    uses: dict[int, int] = {}  # id(module) -> the number of places it sits in the model
+    for _, module in model.named_modules(remove_duplicate=False):
+        uses[id(module)] = uses.get(id(module), 0) + 1
+    watched = {}  # module to watch -> the Conv2d's name
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Conv2d):
+            continue
+        target = module
+        parent_name, _, child = name.rpartition(".")
+        parent = parents.get(parent_name)
+        if isinstance(parent, torch.nn.Sequential):
+            children = list(parent._modules)
+            index = children.index(child)
+            after = parent[index + 1] if index + 1 < len(children) else None
+            if isinstance(after, _ACTIVATIONS) and uses[id(after)] == 1:
+                target = after
+        watched.setdefault(target, name)
+    outputs: list[tuple[str, torch.Tensor]] = []
+
+    def record(module, inputs, output):
+        if isinstance(output, torch.Tensor) and output.dim() == 4:
+            outputs.append((watched[module], output.float().contiguous().clone()))
+
+    handles = [module.register_forward_hook(record) for module in watched]
+    try:
+        model(x.contiguous(memory_format=torch.channels_last))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
 def conv_activations(model, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """(layer name, output (N, C, h, w)) after each top-level Conv2D layer (with its activation)."""
+    """(layer name, output (N, C, h, w)) after each top-level Conv2D layer (with its activation);
+    for a plain PyTorch module, after each nn.Conv2d (_module_conv_activations)."""
     outputs = []
     was_training = model.training
+    if not isinstance(model, KerasSequential):
+        model.eval()
+        try:
+            with torch.inference_mode():
+                return _module_conv_activations(model, x)
+        finally:
+            model.train(was_training)
     model.eval()
     with torch.inference_mode():
         h = x.contiguous(memory_format=torch.channels_last)
@@ -207,7 +279,7 @@ def figure_activations(model, images, labels, channels: int = 8, class_names=CLA
     Each layer shows its `channels` most active channels (mean over the shown images); each
     channel is scaled to its maximum over those images, so rows (classes) compare directly.
     """
-    rows = one_per_class(labels)
+    rows = one_per_class(labels, len(class_names))
     x = torch.as_tensor(images)[torch.as_tensor(rows, dtype=torch.long)]
     y = np.asarray(labels)[rows]
     layers = conv_activations(model, x)
@@ -228,7 +300,17 @@ def figure_activations(model, images, labels, channels: int = 8, class_names=CLA
     grid = fig.add_gridspec(1, len(widths), width_ratios=widths, left=0.1, right=0.99,
                             top=1 - 0.95 / height, bottom=0.5 / height, wspace=0.08)
     ax = fig.add_subplot(grid[0, 0])
-    _draw_tiles(ax, _images(x)[:, None], "binary", frame=True)
+    shown = _images(x)
+    if shown.ndim == 4:  # colour: the grid's frames, then one RGB tile per row in its units
+        _draw_tiles(ax, np.full((len(shown), 1, 1, 1), np.nan), "binary", 0.0, 1.0, frame=True)
+        limits = ax.get_xlim(), ax.get_ylim()
+        for r, image in enumerate(shown):
+            ax.imshow(image, interpolation="nearest", zorder=2,
+                      extent=(0, 1 - TILE_GAP, r + 1 - TILE_GAP, r))
+        ax.set_xlim(*limits[0])
+        ax.set_ylim(*limits[1])
+    else:
+        _draw_tiles(ax, shown[:, None], "binary", frame=True)
     ax.set_title("input", fontsize=9.5)
     ax.set_xticks([])
     ax.set_yticks([r + (1 - TILE_GAP) / 2 for r in range(len(rows))],
@@ -289,7 +371,7 @@ def figure_augmentation(images, cfg: AugmentConfig, seed: int = 0, draws: int = 
         for c in range(n):
             ax = axes[r, c]
             # A fixed range (the data's -0.5..1.5) keeps brightness comparable across images.
-            ax.imshow(batch[c], cmap="binary", vmin=-0.5, vmax=1.5)
+            _show(ax, batch[c], vmin=-0.5, vmax=1.5)
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r, 0].set_ylabel(label, fontsize=10, rotation=0, ha="right", va="center")

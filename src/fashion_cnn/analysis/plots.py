@@ -15,13 +15,14 @@ from .. import fileio
 from ..data.fashion_mnist import to_tensor
 from ..errors import UserError
 from ..training.checkpoint import read_checkpoint_meta
-from ..training.config import RunConfig
+from ..training.config import RunConfig, bind_to_data
 from ..training.loop import evaluate
 from ..training.recipes import resolve_config
-from ..training.run import data_for, load_model, open_run
+from ..training.run import data_for, load_model, open_run, run_name
 from ..training.rundir import RunDir
 from .figures import (DPI, LIVE_DPI, figure_compare_curves, figure_compare_weights,
-                      figure_confusion, figure_metrics, figure_png, figure_weights, save_figure)
+                      figure_confusion, figure_metrics, figure_png, figure_weights,
+                      named_weight_layers, save_figure)
 from .image_figures import (figure_activations, figure_augmentation, figure_misclassified,
                             figure_predictions)
 from .metrics import confusion_matrix, one_per_class, softmax
@@ -72,7 +73,7 @@ class LivePlot:
         start = time.perf_counter()
         cfg = trainer.config
         self.fig = figure_metrics(trainer.state.history, cfg.train.epochs,
-                                  cfg.recipe or cfg.model.name, fig=self.fig)
+                                  run_name(cfg), fig=self.fig)
         png = figure_png(self.fig, self.dpi)
         fileio.write_bytes(self.path, png)
         if self.notebook:
@@ -111,15 +112,17 @@ def augmentation_preview(recipe_or_config: str | RunConfig, out: str | os.PathLi
         raise UserError(f"the number of images must be at least 1, got {n}", setting="n")
     cfg = resolve_config(recipe_or_config)
     data = data_for(cfg, data)
-    firsts = one_per_class(data.train_labels)
+    bind_to_data(cfg, data)  # the model's input size, and mean/std, as a run would have them
+    firsts = one_per_class(data.train_labels, len(data.class_names))
     extra = [i for i in range(len(data.train_labels)) if i not in set(firsts)][:max(0, n - len(firsts))]
     chosen = (firsts + extra)[:n]
-    x = to_tensor(data.train_images[chosen], cfg.pad, cfg.data.pad_value)
+    mean, std = cfg.stats
+    x = to_tensor(data.train_images[chosen], cfg.pad, cfg.data.pad_value, mean=mean, std=std)
     out = Path(out)
     if out.is_dir():
         out = out / "augment_preview.png"
-    fig = figure_augmentation(x, cfg.augment, seed=seed, name=cfg.recipe or cfg.model.name,
-                              labels=data.train_labels[chosen])
+    fig = figure_augmentation(x, cfg.augment, seed=seed, name=run_name(cfg),
+                              labels=data.train_labels[chosen], class_names=data.class_names)
     return save_figure(fig, out)
 
 
@@ -129,33 +132,39 @@ def write_run_plots(run_dir: str | os.PathLike, *, model, config: RunConfig, spl
     """Write every figure and table of a finished run into RUN_DIR/plots/ (or `out_dir`);
     return the per-class table as text. eval_result: training.evaluate() on the test set."""
     out_dir = Path(out_dir) if out_dir else RunDir(run_dir).plots
-    name = config.recipe or config.model.name
+    name = run_name(config)
     y = splits.y_test
     probabilities = softmax(eval_result["logits"])
-    matrix = confusion_matrix(y, eval_result["predictions"])
+    names = config.class_names
+    matrix = confusion_matrix(y, eval_result["predictions"], len(names))
     figures = {
         "metrics.png": lambda: figure_metrics(history, config.train.epochs, name),
-        "confusion_matrix.png": lambda: figure_confusion(matrix),
-        "confusion_matrix_normalized.png": lambda: figure_confusion(matrix, normalize=True),
-        "predictions.png": lambda: figure_predictions(splits.x_test, y, probabilities),
-        "misclassified.png": lambda: figure_misclassified(splits.x_test, y, probabilities),
+        "confusion_matrix.png": lambda: figure_confusion(matrix, names),
+        "confusion_matrix_normalized.png": lambda: figure_confusion(matrix, names, normalize=True),
+        "predictions.png": lambda: figure_predictions(splits.x_test, y, probabilities,
+                                                      class_names=names),
+        "misclassified.png": lambda: figure_misclassified(splits.x_test, y, probabilities,
+                                                          class_names=names),
         "weights.png": lambda: figure_weights(model, f"{name}: kernel weights of each layer"),
-        "activations.png": lambda: figure_activations(model, splits.x_test, y),
+        "activations.png": lambda: figure_activations(model, splits.x_test, y,
+                                                      class_names=names),
     }
     if config.augment.enabled and len(splits.x_train):
         figures["augment_preview.png"] = lambda: figure_augmentation(
             splits.train_batch(slice(0, 8)), config.augment, seed=config.train.seed, name=name,
-            labels=splits.y_train[:8])
+            labels=splits.y_train[:8], class_names=names)
     for filename, make in figures.items():
         save_figure(make(), out_dir / filename, dpi)
-    return write_per_class(out_dir, matrix)
+    return write_per_class(out_dir, matrix, names)
 
 
 def plots_from_run(run_dir: str | os.PathLike, checkpoint: str | None = None,
-                   out_dir: str | os.PathLike | None = None, data=None) -> tuple[Path, str]:
+                   out_dir: str | os.PathLike | None = None, data=None, *,
+                   model=None) -> tuple[Path, str]:
     """Regenerate every figure of a run from its saved weights (or a checkpoint's) and
     history. Writes into RUN_DIR/plots/ (a checkpoint's into RUN_DIR/plots/<checkpoint>/)
-    unless `out_dir` is given; returns (folder, per-class text)."""
+    unless `out_dir` is given; returns (folder, per-class text). `model`: a new instance of a
+    plain PyTorch module's run's module (training.run.load_model)."""
     run = RunDir(run_dir)
     config = run.read_config()
     if checkpoint:
@@ -165,7 +174,8 @@ def plots_from_run(run_dir: str | os.PathLike, checkpoint: str | None = None,
     else:
         history = run.read_history()
         default_out = run.plots
-    config, model, splits = open_run(run.path, checkpoint and str(checkpoint), data)
+    config, model, splits = open_run(run.path, checkpoint and str(checkpoint), data,
+                                     model=model)
     result = evaluate(model, splits.x_test, splits.y_test, config.train.eval_batch_size,
                       config.train.precision)
     out = Path(out_dir) if out_dir else default_out
@@ -189,7 +199,7 @@ def compare_runs(run_dirs, out: str | os.PathLike, data=None) -> list[Path]:
     for label, run_dir in zip(labels, run_dirs):
         config, model = load_model(run_dir)
         histories[label] = RunDir(run_dir).read_history()
-        weights[label] = model.named_weight_layers()
+        weights[label] = named_weight_layers(model)
         planned = max(planned, config.train.epochs)
     out = Path(out)
     return [save_figure(figure_compare_curves(histories, planned), out / "learning_curves.png"),

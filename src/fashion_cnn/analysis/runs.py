@@ -16,15 +16,17 @@ from ..training.run import RunResult
 from .plots import figure_callbacks
 
 
-def train(name_or_config, out: str | os.PathLike | None = None, *, plots: bool = True,
+def train(name_or_config=None, out: str | os.PathLike | None = None, *, plots: bool = True,
           callbacks=(), **options) -> RunResult:
-    """training.run.train with the run's figures (see the module docstring)."""
+    """training.run.train with the run's figures (see the module docstring). `model=` trains
+    any torch.nn.Module with the recipe's settings (docs/pytorch-modules.md)."""
     return runs.train(name_or_config, out, callbacks=_with_figures(plots, callbacks), **options)
 
 
 def resume(run_dir: str | os.PathLike, *, plots: bool = True, callbacks=(),
            **options) -> RunResult:
-    """training.run.resume with the run's figures (see the module docstring)."""
+    """training.run.resume with the run's figures (see the module docstring); a run of a
+    plain PyTorch module needs `model=`, a new instance of it."""
     return runs.resume(run_dir, callbacks=_with_figures(plots, callbacks), **options)
 
 

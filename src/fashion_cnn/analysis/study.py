@@ -265,8 +265,10 @@ def _with_settings(study: Study, epochs_scale, subset, repeats, source: str) -> 
 
 
 def load_study(name_or_path: str, *, epochs_scale: float | None = None,
-               subset: int | None = None, repeats: int | None = None) -> Study:
-    """A built-in study by name or a study TOML file; given options replace its settings."""
+               subset: int | None = None, repeats: int | None = None,
+               dataset: str | None = None) -> Study:
+    """A built-in study by name or a study TOML file; given options replace its settings
+    (`dataset` becomes an override of every run: [overrides] data = {dataset = ...})."""
     path = study_path(str(name_or_path))
     is_file = looks_like_path(str(name_or_path))
     source = str(name_or_path)
@@ -274,6 +276,9 @@ def load_study(name_or_path: str, *, epochs_scale: float | None = None,
     study = study_from_data(raw, source, path.parent if is_file else None)
     if not is_file or not raw.get("source"):
         study.source = source
+    if dataset:
+        study.overrides = {**study.overrides,
+                           "data": {**study.overrides.get("data", {}), "dataset": dataset}}
     return _with_settings(study,
                           study.epochs_scale if epochs_scale is None else epochs_scale,
                           study.subset if subset is None else subset,

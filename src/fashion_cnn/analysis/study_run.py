@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import fileio
 from ..errors import CheckpointError, SpecError, TrainingStopped, UserError
-from ..training.config import RunConfig
+from ..training.config import RunConfig, bind_to_data
 from ..training.run import config_differences, data_for
 from ..training.rundir import RunDir
 from .plots import plots_from_run
@@ -94,6 +94,7 @@ def _open_study_dir(study: Study, out) -> Path:
 
 def _run_one(run_dir: RunDir, cfg: RunConfig, data, progress: bool, log) -> str:
     """Train, resume or skip one run of a study as its directory says; what was done."""
+    bind_to_data(cfg, data)  # as the run's own config.toml was: comparable with it
     epochs = f"{cfg.train.epochs} epoch{'s' if cfg.train.epochs > 1 else ''}"
     if run_dir.is_finished():
         _check_run_config(run_dir, cfg)
@@ -115,11 +116,12 @@ def _run_one(run_dir: RunDir, cfg: RunConfig, data, progress: bool, log) -> str:
 
 def run_study(name_or_path: str, out: str | os.PathLike | None = None, *,
               epochs_scale: float | None = None, subset: int | None = None,
-              repeats: int | None = None, progress: bool = True, report: bool = True,
-              data=None, log=print) -> StudyResult:
+              repeats: int | None = None, dataset: str | None = None, progress: bool = True,
+              report: bool = True, data=None, log=print) -> StudyResult:
     """Train every run of a study into `out` (default studies/<name>), skipping finished runs
     and resuming interrupted ones; then write the report (report.html, report.md)."""
-    study = load_study(name_or_path, epochs_scale=epochs_scale, subset=subset, repeats=repeats)
+    study = load_study(name_or_path, epochs_scale=epochs_scale, subset=subset, repeats=repeats,
+                       dataset=dataset)
     study_dir = _open_study_dir(study, out)
     plan = [(dir_name, study.config_for(run, offset))
             for run in study.runs for offset, dir_name in study.dir_names(run)]
@@ -129,10 +131,12 @@ def run_study(name_or_path: str, out: str | os.PathLike | None = None, *,
     report_stale = not recorded.is_file() or recorded.read_text() != resolved
     if report_stale:
         fileio.write_text(recorded, resolved)
-    loaded = {}  # data_dir -> FashionMNIST, each decoded once for the whole study
+    loaded = {}  # how a dataset is loaded -> ImageData, each decoded once for the whole study
 
     def cached_data(cfg: RunConfig):
-        key = cfg.data.data_dir or ""
+        d = cfg.data
+        key = (d.dataset, d.data_dir, d.image_size, d.channels, d.fit, d.order, d.test_fraction,
+               d.split_seed, d.strict)
         if key not in loaded:
             loaded[key] = data_for(cfg, data)
         return loaded[key]

@@ -1,13 +1,16 @@
 """Export a trained run to ONNX, for inference without this package or PyTorch.
 
-The exported graph takes Fashion-MNIST's own format and does the rest itself:
+The exported graph takes the images as the run's dataset stores them and does the rest itself:
 
-    input  "pixels"         uint8 (N, 28, 28), 0 = background, 255 = brightest (any batch size)
-    output "logits"         float32 (N, 10), in CLASS_NAMES order
-    output "probabilities"  float32 (N, 10), their softmax (what Keras' model.predict returns)
+    input  "pixels"         uint8 (N, H, W) for grayscale data (Fashion-MNIST: (N, 28, 28)),
+                            (N, H, W, 3) for colour; 0 = dark, 255 = brightest (any batch size)
+    output "logits"         float32 (N, classes), in the run's class order
+    output "probabilities"  float32 (N, classes), their softmax (what Keras' model.predict returns)
 
-inside: the seed's scaling (pixels / 128 - 0.5), the run's padding, then the network in
-inference mode (Dropout off, BatchNorm with its running statistics), in float32. It is written
+inside: the run's scaling (the seed's pixels / 128 - 0.5, or its per-channel mean and std),
+its padding, then the network in inference mode (Dropout off, BatchNorm with its running
+statistics), in float32. The file's metadata names the classes (`class_names`, a JSON list)
+and the input (`image_size`, `channels`, `dataset`). It is written
 with torch.onnx's exporter (torch.export, ONNX opset 18) into one self-contained file, and then
 checked: onnxruntime runs it on a batch of images and must give PyTorch's probabilities.
 Photos need `fashion_cnn.predict.to_fashion_mnist` (or the same steps) first.
@@ -33,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import fileio
-from ..data.fashion_mnist import IMAGE_SIZE
 from ..errors import UserError, require_module
 
 OPSET = 18
@@ -51,17 +53,25 @@ class ExportResult:
     max_difference: float | None  # onnxruntime vs PyTorch, max |probability difference|
     checked_images: int
     onnxruntime_version: str | None
+    pixels_shape: tuple = ("N", 28, 28)  # the "pixels" input, N = any batch size
+    num_classes: int = 10
 
 
 class PixelsToProbabilities(torch.nn.Module):
-    """uint8 pixels (N, 28, 28) -> (logits, probabilities), with the run's scaling and padding."""
+    """uint8 pixels (N, H, W) or (N, H, W, 3) -> (logits, probabilities), with the run's
+    scaling (as data.to_tensor: x/128 - 0.5, or (x/255 - mean)/std) and padding."""
 
-    def __init__(self, model: torch.nn.Module, pad: int, pad_value: float):
+    def __init__(self, model: torch.nn.Module, pad: int, pad_value: float, mean=None, std=None):
         super().__init__()
         self.model, self.pad, self.pad_value = model, pad, pad_value
+        self.by_stats = mean is not None
+        self.register_buffer("mean", torch.tensor(mean or [0.0]).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std or [1.0]).view(1, -1, 1, 1))
 
     def forward(self, pixels: torch.Tensor):
-        x = pixels.float().div(128.0).sub(0.5).unsqueeze(1)  # (N, 1, 28, 28), as data.to_tensor
+        x = pixels.float()
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
+        x = x.div(255.0).sub(self.mean).div(self.std) if self.by_stats else x.div(128.0).sub(0.5)
         if self.pad:
             x = F.pad(x, (self.pad,) * 4, value=self.pad_value)
         logits = self.model(x)
@@ -80,11 +90,12 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
         require_module("onnxruntime", "export", INSTALL_HINT)
     config, model = load_model(run_dir, checkpoint)
     model.use_fused_kernels = False  # the C kernels are opaque to the exporter
-    wrapper = PixelsToProbabilities(model, config.pad, config.data.pad_value).eval()
+    mean, std = config.stats
+    wrapper = PixelsToProbabilities(model, config.pad, config.data.pad_value, mean, std).eval()
     path = Path(out) if out is not None else Path(run_dir) / "model.onnx"
     if path.is_dir():
         raise UserError(f"{path}: is a directory; give a file name such as {path / 'model.onnx'}")
-    example = torch.zeros((2, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+    example = torch.zeros(pixel_shape(config, 2), dtype=torch.uint8)
 
     checked: dict = {}
 
@@ -103,8 +114,10 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
                                   external_data=False, verbose=False, dynamo=True)
         finally:
             logger.setLevel(level)
+        _add_metadata(tmp, config)
         if check:  # before the rename: a file that fails it never takes `path`'s place
-            checked["result"] = check_onnx(tmp, wrapper, name=path)
+            checked["result"] = check_onnx(tmp, wrapper, name=path,
+                                           shape=pixel_shape(config, CHECK_IMAGES))
 
     try:
         fileio.write_with(path, write)
@@ -113,22 +126,46 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     except Exception as exc:  # the exporter's own failures: say what, in one line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{path}: the ONNX export failed ({type(exc).__name__}: {first})") from None
-    result = ExportResult(path, path.stat().st_size, None, 0, None)
+    result = ExportResult(path, path.stat().st_size, None, 0, None,
+                          ("N",) + pixel_shape(config, 1)[1:], len(config.class_names))
     if check:
         result.max_difference, result.checked_images, result.onnxruntime_version = \
             checked["result"]
     return result
 
 
+def pixel_shape(config, n: int) -> tuple[int, ...]:
+    """The "pixels" input's shape for n images of the run's data: (n, H, W) or (n, H, W, 3)."""
+    size, channels = config.image_size, config.data.channels or 1
+    return (n, size, size) if channels == 1 else (n, size, size, channels)
+
+
+def _add_metadata(path: Path, config) -> None:
+    """The class names and the expected input, in the ONNX file's metadata_props."""
+    import json
+
+    import onnx
+
+    graph = onnx.load(str(path))
+    for key, value in {"class_names": json.dumps(config.class_names),
+                       "dataset": config.data.dataset, "image_size": str(config.image_size),
+                       "channels": str(config.data.channels or 1),
+                       "normalize": config.data.normalize}.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(graph, str(path))
+
+
 def check_onnx(path: str | os.PathLike, wrapper: torch.nn.Module, images: int = CHECK_IMAGES,
-               name: str | os.PathLike | None = None) -> tuple[float, int, str]:
+               name: str | os.PathLike | None = None,
+               shape: tuple[int, ...] | None = None) -> tuple[float, int, str]:
     """Run the ONNX file in onnxruntime on `images` pixel images (random, and an all-black one)
     and compare its probabilities with `wrapper`'s; (max |difference|, images, ort version).
     `name`: the file's name in error messages (default `path`)."""
     name = path if name is None else name
     ort = require_module("onnxruntime", "export", INSTALL_HINT)
     generator = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (images, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8,
+    pixels = torch.randint(0, 256, shape or (images, 28, 28), dtype=torch.uint8,
                            generator=generator)
     pixels[0] = 0  # an empty image: the background alone
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

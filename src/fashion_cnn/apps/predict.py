@@ -1,4 +1,8 @@
-"""Prediction on image files: photos of clothing, or Fashion-MNIST's own 28x28 images.
+"""Prediction on image files with a trained run.
+
+A run on another dataset (an image folder, IDX, .npz) brings each image to its size and
+channels by the rule its folder was decoded with (data.images.fit_image). For a Fashion-MNIST
+run, photos of clothing go through the steps that made Fashion-MNIST:
 
 Fashion-MNIST was made from product photos: each was trimmed to the garment, its longer side
 resized to 28 pixels, centred on a 28x28 canvas, negated (a light garment on black) and turned
@@ -23,7 +27,9 @@ import numpy as np
 import torch
 
 from .. import fileio
-from ..data.fashion_mnist import CLASS_NAMES, IMAGE_SIZE, to_tensor
+from ..data.arrays import to_tensor
+from ..data.fashion_mnist import CLASS_NAMES, IMAGE_SIZE
+from ..data.images import fit_image
 from ..errors import UserError
 
 INVERT_CHOICES = ("auto", "yes", "no")
@@ -46,12 +52,13 @@ class Prediction:
     probabilities: list[float] = field(default_factory=list)
     inverted: bool = False
     error: str | None = None
-    image: np.ndarray | None = field(default=None, repr=False)  # the (28, 28) uint8 input
+    image: np.ndarray | None = field(default=None, repr=False)  # the uint8 model input
+    class_names: list[str] = field(default_factory=lambda: list(CLASS_NAMES), repr=False)
 
     def top(self, k: int = 3) -> list[tuple[str, float]]:
         """The k most probable classes, most probable first, as (name, probability)."""
         order = np.argsort(self.probabilities)[::-1][:k]
-        return [(CLASS_NAMES[i], float(self.probabilities[i])) for i in order]
+        return [(self.class_names[i], float(self.probabilities[i])) for i in order]
 
     def to_dict(self, k: int = 3) -> dict:
         if self.error is not None:
@@ -155,13 +162,23 @@ def to_fashion_mnist(image, invert: str = "auto") -> tuple[np.ndarray, bool]:
     return canvas, inverted
 
 
+def model_input(image, config, invert: str = "auto") -> tuple[np.ndarray, bool]:
+    """A Pillow image as the run's training images were stored, and whether it was inverted:
+    Fashion-MNIST's 28x28 format (to_fashion_mnist) for a Fashion-MNIST run; for any other
+    dataset its image_size and channels by its [data] fit rule, as its folder was decoded."""
+    if config.data.dataset == "fashion-mnist":
+        return to_fashion_mnist(image, invert)
+    return fit_image(image, config.image_size, config.data.channels or 1, config.data.fit), False
+
+
 def predict_arrays(model: torch.nn.Module, config, images: np.ndarray,
                    tta: str | None = None) -> np.ndarray:
-    """Class probabilities (N, 10) for uint8 images (N, 28, 28) in Fashion-MNIST's format,
-    scaled and padded as the run's training data was."""
+    """Class probabilities (N, classes) for uint8 images (N, H, W[, 3]) as the run's data
+    stores them (Fashion-MNIST's (N, 28, 28)), scaled and padded as its training data was."""
     from ..training.loop import predict_logits
 
-    x = to_tensor(images, pad=config.pad, pad_value=config.data.pad_value)
+    mean, std = config.stats
+    x = to_tensor(images, pad=config.pad, pad_value=config.data.pad_value, mean=mean, std=std)
     tta = config.train.tta if tta is None else tta
     logits = predict_logits(model, x, config.train.eval_batch_size, config.train.precision, tta)
     return torch.softmax(logits.float(), dim=1).numpy()
@@ -181,10 +198,11 @@ def predict_files(run_dir: str | os.PathLike, paths, *, checkpoint: str | None =
     results = []
     for path in paths:
         try:
-            array, inverted = to_fashion_mnist(load_image(path), invert)
-            results.append(Prediction(str(path), inverted=inverted, image=array))
+            array, inverted = model_input(load_image(path), config, invert)
+            results.append(Prediction(str(path), inverted=inverted, image=array,
+                                      class_names=config.class_names))
         except ImageError as exc:
-            results.append(Prediction(str(path), error=str(exc)))
+            results.append(Prediction(str(path), error=str(exc), class_names=config.class_names))
     usable = [r for r in results if r.error is None]
     if usable:
         probabilities = predict_arrays(model, config, np.stack([r.image for r in usable]), tta)

@@ -15,6 +15,7 @@ from .parser import build_parser
 # Library settings (config keys and API arguments) -> the flags that set them.
 FLAGS = {"out": "--out", "n": "-n", "train.epochs": "--epochs", "train.lr": "--lr",
          "train.compile": "--compile", "data.subset": "--subset", "data.data_dir": "--data-dir",
+         "data.dataset": "--dataset", "data.strict": "--strict",
          "checkpoint.save_best_only": "--save-best-only",
          "checkpoint.early_stopping": "--early-stopping",
          "checkpoint.restore_best": "--restore-best", "trials": "--trials"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def _train_overrides(args) -> dict:
         "monitor": "checkpoint.monitor", "keep_last": "checkpoint.keep_last",
         "early_stopping": "checkpoint.early_stopping", "min_delta": "checkpoint.min_delta",
         "restore_best": "checkpoint.restore_best", "compile": "train.compile",
+        "dataset": "data.dataset", "strict": "data.strict",
     }
     overrides = {dotted: getattr(args, flag) for flag, dotted in flag_map.items()
                  if getattr(args, flag, None) is not None}
@@ -47,19 +49,34 @@ def _set_overrides(args) -> dict:
 
 
 def cmd_data(args) -> int:
-    from ..data.fashion_mnist import CLASS_NAMES, class_counts, download, timed_load
+    from ..data.arrays import class_counts
+    from ..data.fashion_mnist import download, timed_load
+    from ..data.sources import open_dataset
 
     if args.download:
         print(f"downloaded to {download()}")
-    data, seconds = timed_load(args.data_dir, check_md5=not args.no_checksum)
-    how = "cache" if data.from_cache else "IDX files (decoded and cached)"
-    checks = "structure and MD5 verified" if data.verified_md5 else "structure verified (MD5 skipped)"
-    print(f"Fashion-MNIST in {data.source}: {checks}; loaded from {how} in {seconds:.2f} s")
-    train_counts, test_counts = class_counts(data.train_labels), class_counts(data.test_labels)
-    print(f"{'class':<14}{'train':>8}{'test':>8}")
-    for name, a, b in zip(CLASS_NAMES, train_counts, test_counts):
-        print(f"{name:<14}{a:>8}{b:>8}")
-    print(f"{'total':<14}{sum(train_counts):>8}{sum(test_counts):>8}")
+    start = time.perf_counter()
+    if (args.dataset or "fashion-mnist") == "fashion-mnist":
+        data, seconds = timed_load(args.data_dir, check_md5=not args.no_checksum)
+        how = "cache" if data.from_cache else "IDX files (decoded and cached)"
+        checks = ("structure and MD5 verified" if data.verified_md5
+                  else "structure verified (MD5 skipped)")
+        print(f"Fashion-MNIST in {data.source}: {checks}; loaded from {how} in {seconds:.2f} s")
+    else:
+        data = open_dataset(args.dataset, strict=bool(args.strict))
+        how = "cache" if data.from_cache else "its files"
+        print(f"{data.name} dataset in {data.source}: {data.image_size}x{data.image_size}x"
+              f"{data.channels}, {data.num_classes} classes; loaded from {how} in "
+              f"{time.perf_counter() - start:.2f} s")
+        for note in data.notes:
+            print(f"  {note}")
+    train_counts = class_counts(data.train_labels, data.num_classes)
+    test_counts = class_counts(data.test_labels, data.num_classes)
+    width = max(14, max(len(n) for n in data.class_names) + 2)
+    print(f"{'class':<{width}}{'train':>8}{'test':>8}")
+    for name, a, b in zip(data.class_names, train_counts, test_counts):
+        print(f"{name:<{width}}{a:>8}{b:>8}")
+    print(f"{'total':<{width}}{sum(train_counts):>8}{sum(test_counts):>8}")
     return 0
 
 
@@ -91,6 +108,14 @@ def cmd_summary(args) -> int:
     from ..training.recipes import load_config
 
     cfg = load_config(args.model)
+    if args.dataset:
+        from ..training.config import bind_to_data
+        from ..training.run import data_for
+
+        cfg.data.dataset = args.dataset
+        bind_to_data(cfg, data_for(cfg))
+        print(f"Adapted to {args.dataset}: {cfg.image_size}x{cfg.image_size}x{cfg.data.channels} "
+              f"images, {len(cfg.class_names)} classes")
     print(summary(cfg.model))
     spec = cfg.model
     if spec.input_crop is not None:
@@ -210,8 +235,10 @@ def cmd_export(args) -> int:
 
     result = export_onnx(args.run_dir, args.out, checkpoint=args.checkpoint,
                          check=not args.no_check)
+    shape = ", ".join(str(v) for v in result.pixels_shape)
     print(f"Wrote {result.path} ({result.size_bytes / 1024:.0f} KiB, ONNX opset {OPSET}): input "
-          f"'pixels' uint8 (N, 28, 28); outputs 'logits' and 'probabilities' float32 (N, 10)")
+          f"'pixels' uint8 ({shape}); outputs 'logits' and 'probabilities' float32 "
+          f"(N, {result.num_classes})")
     if result.max_difference is not None:
         print(f"Checked with onnxruntime {result.onnxruntime_version} on "
               f"{result.checked_images} images: probabilities within "
@@ -238,6 +265,10 @@ def cmd_tune(args) -> int:
         overrides["train.threads"] = args.threads
     if args.subset is not None:
         overrides["data.subset"] = args.subset
+    if args.dataset is not None:
+        overrides["data.dataset"] = args.dataset
+    if args.strict:
+        overrides["data.strict"] = True
     overrides.update(_set_overrides(args))
     result = tune(args.space, trials=args.trials, timeout=args.timeout, out=args.out,
                   storage=args.storage, study_name=args.study_name, seed=args.seed,
@@ -286,7 +317,7 @@ def cmd_study(args) -> int:
     _one_process("study", "train a recipe under torchrun instead")
 
     result = run_study(args.study, args.out, epochs_scale=args.epochs_scale, subset=args.subset,
-                       repeats=args.repeats, progress=not args.quiet)
+                       repeats=args.repeats, dataset=args.dataset, progress=not args.quiet)
     print_study_result(result)
     return 0
 

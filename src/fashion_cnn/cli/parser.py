@@ -8,6 +8,16 @@ from ..training.config import CHOICES
 from . import commands
 
 
+def _add_dataset_options(p) -> None:
+    p.add_argument("--dataset", metavar="NAME_OR_PATH",
+                   help="fashion-mnist (default), a folder of images with one subfolder per "
+                        "class (optionally under train/ and test/), a folder of MNIST-style "
+                        "IDX files, or an .npz file")
+    p.add_argument("--strict", action="store_true", default=None,
+                   help="refuse an image folder holding a file that cannot be read "
+                        "(default: skip it with a warning naming it)")
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training (override the recipe)")
     g.add_argument("--epochs", type=int, help="passes over the training split")
@@ -25,6 +35,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="turn the recipe's augmentation on or off")
     d = p.add_argument_group("data")
+    _add_dataset_options(d)
     d.add_argument("--subset", type=int, help="use the first N training images")
     d.add_argument("--validation-split", type=float, help="last fraction held out (default 0.2)")
     d.add_argument("--data-dir", help="directory of the four IDX files")
@@ -44,11 +55,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fashion-cnn",
-        description="Train, study and use CNN classifiers on Fashion-MNIST (Keras vocabulary, PyTorch).")
+        description="Train, study and use small CNN image classifiers: Fashion-MNIST or your "
+                    "own images (Keras vocabulary, PyTorch).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("data", help="find, verify and cache the dataset; print class counts")
-    p.add_argument("--data-dir", help="directory of the four IDX files")
+    p = sub.add_parser("data", help="find, verify and cache a dataset; print class counts")
+    _add_dataset_options(p)
+    p.add_argument("--data-dir", help="directory of Fashion-MNIST's four IDX files")
     p.add_argument("--download", action="store_true", help="fetch from the official mirror first")
     p.add_argument("--no-checksum", action="store_true",
                    help="skip the MD5 and count checks (your own IDX files)")
@@ -59,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="print a Keras-style summary of a model or recipe")
     p.add_argument("model", help="zoo model, recipe, or path to a .toml spec")
+    p.add_argument("--dataset", metavar="NAME_OR_PATH",
+                   help="show the model as adapted to this dataset's images and classes")
     p.set_defaults(func=commands.cmd_summary)
 
     p = sub.add_parser("train", help="train a model or recipe into a run directory")
@@ -87,11 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "with horizontal_flip); default: the run's own [train] tta")
     p.set_defaults(func=commands.cmd_evaluate)
 
-    p = sub.add_parser("predict", help="classify image files (photos or 28x28 images) with a run")
+    p = sub.add_parser("predict", help="classify image files with a run")
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="PNG, JPEG, WebP, ... files; photos are trimmed, resized to 28x28 and "
-                        "made a light garment on black, as Fashion-MNIST's images were")
+                   help="PNG, JPEG, WebP, ... files; for a Fashion-MNIST run, photos are trimmed, "
+                        "resized to 28x28 and made a light garment on black, as Fashion-MNIST's "
+                        "images were; for another dataset, brought to its size as its images were")
     p.add_argument("--checkpoint", help="a checkpoint name or epoch number instead of the final weights")
     p.add_argument("--top", type=int, default=3, help="classes to show per image (default 3)")
     from ..apps.predict import INVERT_CHOICES
@@ -133,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prune", action="store_true", help="train every trial to the end")
     p.add_argument("--threads", type=int, help="CPU threads per trial")
     p.add_argument("--subset", type=int, help="use the first N training images")
+    _add_dataset_options(p)
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="fix a setting for every trial, e.g. --set train.epochs=3")
     p.add_argument("--quiet", action="store_true", help="no line per trial")
@@ -168,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each recipe's epochs x F, rounded, at least 1 (quick versions)")
     p.add_argument("--subset", type=int, metavar="N", help="use the first N training images")
     p.add_argument("--repeats", type=int, metavar="K", help="train each run with seeds 0..K-1")
+    p.add_argument("--dataset", metavar="NAME_OR_PATH",
+                   help="train every run on this dataset (as --dataset of train)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
     p.set_defaults(func=commands.cmd_study)
 

@@ -21,14 +21,14 @@ import struct
 import time
 import urllib.request
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .. import fileio
 from ..errors import DataError
+from .arrays import (ImageData, Splits, class_counts, make_splits, storage_dtype,  # noqa: F401
+                     to_tensor, validation_split)
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -109,28 +109,29 @@ def _read_raw(path: Path) -> bytes:
     return raw
 
 
-def parse_idx(raw: bytes, path: Path, expect_ndim: int) -> np.ndarray:
+def parse_idx(raw: bytes, path: Path, expect_ndim: int, image_size: int | None = IMAGE_SIZE,
+              fix_hint: str = FIX_HINT) -> np.ndarray:
     """Decode IDX bytes (magic 0x00000801 for labels, 0x00000803 for images) into uint8 arrays."""
     if len(raw) < 4:
-        raise DataError(f"{path}: file is too short to be an IDX file ({len(raw)} bytes); {FIX_HINT}")
+        raise DataError(f"{path}: file is too short to be an IDX file ({len(raw)} bytes); {fix_hint}")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     magic = struct.unpack(">I", raw[:4])[0]
     if zero != 0 or dtype_code != 0x08 or ndim != expect_ndim:
         raise DataError(f"{path}: wrong IDX magic number 0x{magic:08x} "
-                        f"(expected 0x{0x800 + expect_ndim:08x}); {FIX_HINT}")
+                        f"(expected 0x{0x800 + expect_ndim:08x}); {fix_hint}")
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header; {FIX_HINT}")
+        raise DataError(f"{path}: truncated IDX header; {fix_hint}")
     dims = struct.unpack(">" + "I" * ndim, raw[4:header])
-    if ndim == 3 and dims[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+    if ndim == 3 and image_size and dims[1:] != (image_size, image_size):
         raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, expected "
-                        f"{IMAGE_SIZE}x{IMAGE_SIZE}; {FIX_HINT}")
+                        f"{image_size}x{image_size}; {fix_hint}")
     expected_bytes = int(np.prod(dims))
     payload = len(raw) - header
     if payload != expected_bytes:
         raise DataError(f"{path}: header announces {dims[0]} items but the file holds "
                         f"{payload / max(1, expected_bytes // max(1, dims[0])):g} "
-                        f"({payload} data bytes, expected {expected_bytes}); {FIX_HINT}")
+                        f"({payload} data bytes, expected {expected_bytes}); {fix_hint}")
     # a writable copy: torch.from_numpy warns on the read-only view of `raw`
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
@@ -152,17 +153,8 @@ def _verify_file(key: str, path: Path, check_md5: bool) -> np.ndarray:
     return array
 
 
-@dataclass
-class FashionMNIST:
-    """The four arrays, as stored: uint8 images (N, 28, 28) and uint8 labels (N,)."""
-
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    source: Path
-    from_cache: bool = False
-    verified_md5: bool = True
+# Fashion-MNIST loads as any dataset does (arrays.ImageData); the name stays for old callers.
+FashionMNIST = ImageData
 
 
 def _stamp(path: Path) -> dict:
@@ -171,7 +163,7 @@ def _stamp(path: Path) -> dict:
 
 
 def load_data(data_dir: str | os.PathLike | None = None, *, check_md5: bool = True,
-              use_cache: bool = True) -> FashionMNIST:
+              use_cache: bool = True) -> ImageData:
     """Find, verify and decode the dataset; a warm call reads the cached `.npy` arrays.
 
     `check_md5=False` accepts IDX files other than the official ones (your own data in the
@@ -191,8 +183,9 @@ def load_data(data_dir: str | os.PathLike | None = None, *, check_md5: bool = Tr
                 arrays = {key: np.load(cache_dir / f"{key}.npy", allow_pickle=False)
                           for key in FILES}
                 if all(a.dtype == np.uint8 for a in arrays.values()):
-                    return FashionMNIST(**arrays, source=directory, from_cache=True,
-                                        verified_md5=manifest["md5_checked"])
+                    return ImageData(**arrays, source=directory, from_cache=True,
+                                     verified_md5=manifest["md5_checked"],
+                                     class_names=list(CLASS_NAMES))
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache is rebuilt below
     arrays = {key: _verify_file(key, path, check_md5) for key, path in paths.items()}
@@ -210,7 +203,8 @@ def load_data(data_dir: str | os.PathLike | None = None, *, check_md5: bool = Tr
                                               "md5_checked": check_md5})
         except Exception:
             pass  # the cache is an optimisation; a read-only home must not stop training
-    return FashionMNIST(**arrays, source=directory, from_cache=False, verified_md5=check_md5)
+    return ImageData(**arrays, source=directory, from_cache=False, verified_md5=check_md5,
+                     class_names=list(CLASS_NAMES))
 
 
 def download(dest: str | os.PathLike | None = None, mirror: str = MIRROR) -> Path:
@@ -227,92 +221,6 @@ def download(dest: str | os.PathLike | None = None, mirror: str = MIRROR) -> Pat
     return dest
 
 
-# ----------------------------------------------------------------------------- tensors
-
-def to_tensor(images: np.ndarray, pad: int = 0, pad_value: float = -0.5,
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> (N, 1, 28+2*pad, 28+2*pad) of `dtype`, scaled as the seed:
-    x/128 - 0.5.
-
-    Padding is added after scaling, with `pad_value` (the seed pads with -0.5, the background).
-    """
-    n, height, width = images.shape
-    # Written straight into the padded tensor: no unpadded float32 copy beside it (150 MB,
-    # briefly, for the 48,000 training images padded to 36x36).
-    x = torch.full((n, 1, height + 2 * pad, width + 2 * pad), pad_value, dtype=dtype)
-    inner = x[:, 0, pad:pad + height, pad:pad + width]  # a view (N, H, W)
-    inner.copy_(torch.from_numpy(np.ascontiguousarray(images))).div_(128.0).sub_(0.5)
-    return x
-
-
-def validation_split(n: int, fraction: float) -> tuple[slice, slice]:
-    """Keras semantics: the LAST `fraction` of the arrays, taken before any shuffling.
-
-    Keras computes the split index as int(n * (1 - fraction)).
-    >>> validation_split(60000, 0.2)
-    (slice(0, 48000, None), slice(48000, 60000, None))
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise DataError(f"validation_split must be in [0, 1), got {fraction}")
-    split_at = int(n * (1.0 - fraction))
-    return slice(0, split_at), slice(split_at, n)
-
-
-def storage_dtype(pad_value: float) -> torch.dtype:
-    """The dtype the training images are kept in: bfloat16 where it holds every value exactly,
-    else float32. x/128 - 0.5 = (x - 64)/128 needs 8 significant bits for x in 0..255, which is
-    bfloat16's precision; so only the padding value decides. Half the memory of float32: the
-    48,000 training images padded to 36x36 take 124 MB instead of 249 MB."""
-    exact = torch.tensor(pad_value, dtype=torch.bfloat16).item() == pad_value
-    return torch.bfloat16 if exact else torch.float32
-
-
-@dataclass
-class Splits:
-    """Model-ready tensors: x (N, 1, H, W) in channels_last memory, y int64 (N,).
-
-    x_val and x_test are float32; x_train is kept in `storage_dtype(pad_value)` (bfloat16 when
-    that is exact): take batches of it with `train_batch`, which returns float32.
-    """
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-    def train_batch(self, index) -> torch.Tensor:
-        """Training images `index` (a slice or an index tensor) as float32, channels_last."""
-        return self.x_train[index].to(torch.float32).contiguous(
-            memory_format=torch.channels_last)
-
-
-def make_splits(data: FashionMNIST, *, subset: int | None = None, val_fraction: float = 0.2,
-                pad: int = 0, pad_value: float = -0.5) -> Splits:
-    """Scale, pad and split. `subset` keeps the first N training images before the split."""
-    train_images, train_labels = data.train_images, data.train_labels
-    if subset is not None:
-        if subset < 2:
-            raise DataError(f"the subset must be at least 2 images, got {subset}",
-                            setting="data.subset")
-        train_images, train_labels = train_images[:subset], train_labels[:subset]
-    fit, val = validation_split(len(train_images), val_fraction)
-
-    def tensors(images, labels, dtype=torch.float32):
-        x = to_tensor(images, pad, pad_value, dtype).contiguous(memory_format=torch.channels_last)
-        return x, torch.from_numpy(labels.astype(np.int64))
-
-    x_train, y_train = tensors(train_images[fit], train_labels[fit], storage_dtype(pad_value))
-    x_val, y_val = tensors(train_images[val], train_labels[val])
-    x_test, y_test = tensors(data.test_images, data.test_labels)
-    return Splits(x_train, y_train, x_val, y_val, x_test, y_test)
-
-
-def class_counts(labels: np.ndarray) -> list[int]:
-    return np.bincount(labels, minlength=NUM_CLASSES).tolist()
-
-
 def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool | None = None) -> None:
     """Write a uint8 array as an IDX file (gzipped when the name ends in .gz). Used by tests."""
     path = Path(path)
@@ -325,7 +233,7 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool | None 
     fileio.write_bytes(path, raw)
 
 
-def timed_load(data_dir=None, **kwargs) -> tuple[FashionMNIST, float]:
+def timed_load(data_dir=None, **kwargs) -> tuple[ImageData, float]:
     start = time.perf_counter()
     data = load_data(data_dir, **kwargs)
     return data, time.perf_counter() - start

@@ -149,6 +149,40 @@ def parse_spec(raw: dict, default_name: str = "model") -> ModelSpec:
                      description=str(raw.get("description", "")), output=output)
 
 
+def adapt_spec(spec: ModelSpec, side: int, channels: int, num_classes: int,
+               exact: bool = False) -> ModelSpec:
+    """The spec fitted to a dataset: `channels` input channels, `num_classes` outputs from its
+    last Dense layer, and an input of `side` pixels where that is larger than its own (smaller
+    images are padded up to it), or, with `exact`, whatever it is. The same spec when nothing
+    changes. SpecError names the layer that cannot take the new input (a pooling stage left
+    with no pixels, say)."""
+    height, width, have = spec.input_shape
+    side = side if exact or side > height else height
+    raw = spec.to_data()
+    if height == width:
+        raw["input_shape"] = [side, side, channels]
+    else:
+        raw["input_shape"] = [height, width, channels]
+    outputs = spec.layers[-1].output_shape[0]
+    if outputs != num_classes:
+        dense = [i for i, layer in enumerate(raw["layers"]) if layer["type"] == "Dense"]
+        if not dense or dense[-1] != len(raw["layers"]) - 1 and any(
+                layer["type"] not in ("Activation", "Dropout")
+                for layer in raw["layers"][dense[-1] + 1:]):
+            raise SpecError(f"model {spec.name!r} ends in {spec.layers[-1].type} with {outputs} "
+                            f"outputs but the data has {num_classes} classes; end it with a "
+                            f"Dense layer")
+        raw["layers"][dense[-1]]["units"] = num_classes
+    if raw["input_shape"] == list(spec.input_shape) and outputs == num_classes:
+        return spec
+    try:
+        return parse_spec(raw, spec.name)
+    except SpecError as exc:
+        shape = "x".join(str(v) for v in raw["input_shape"])
+        raise SpecError(f"{exc} (the model adapted to the data's {shape} input, "
+                        f"{num_classes} classes)") from None
+
+
 def _assign_names(layers: list[LayerSpec]) -> None:
     counters: dict[str, int] = {}
 

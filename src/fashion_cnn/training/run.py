@@ -12,6 +12,7 @@ of the analysis layer (fashion_cnn.train adds them).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import resource
 import shlex
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 
 from .. import fileio
-from ..data.fashion_mnist import CLASS_NAMES, FashionMNIST, Splits, load_data, make_splits
+from ..data.arrays import ImageData, Splits, make_splits
+from ..data.sources import open_dataset
 from ..errors import Interrupted, UserError
 from ..models.build import KerasSequential, build_model
 from ..perf import configure_runtime, return_freed_memory
@@ -33,8 +35,8 @@ from .callbacks import (EarlyStopping, HistoryWriter, ModelCheckpoint, ProgressB
                         check_options)
 from .checkpoint import (checkpoint_weights, load_checkpoint, load_weights, newest_intact,
                          recover_checkpoints, save_weights)
-from .config import RunConfig
-from .loop import Trainer, evaluate
+from .config import ModuleInfo, RunConfig, bind_to_data, validate
+from .loop import Trainer, check_module, evaluate, module_needed
 from .recipes import resolve_config
 from .rundir import RunDir
 
@@ -43,23 +45,33 @@ from .rundir import RunDir
 class RunResult:
     run_dir: Path
     config: RunConfig
-    model: KerasSequential
+    model: torch.nn.Module  # a KerasSequential, or the plain module given as model=
     history: list[dict]
     metrics: dict
     per_class: str = ""  # per-class precision/recall/F1 table (empty when plots were skipped)
     test_result: dict | None = None  # loop.evaluate() on the test set: logits, predictions...
 
 
-def data_for(cfg: RunConfig, data: FashionMNIST | None = None) -> FashionMNIST:
-    """`data` where given, else the dataset the config names (data.data_dir), loaded."""
-    return data if data is not None else load_data(cfg.data.data_dir or None)
+def data_for(cfg: RunConfig, data: ImageData | None = None) -> ImageData:
+    """`data` where given, else the dataset the config names ([data] dataset), loaded."""
+    if data is not None:
+        return data
+    d = cfg.data
+    return open_dataset(d.dataset, data_dir=d.data_dir, image_size=d.image_size,
+                        channels=d.channels, fit=d.fit, order=d.order,
+                        test_fraction=d.test_fraction, split_seed=d.split_seed, strict=d.strict,
+                        class_names=d.class_names or None)
 
 
-def splits_for(cfg: RunConfig, data: FashionMNIST | None = None) -> Splits:
-    """The config's training, validation and test splits (subset, padding, scaling)."""
+def splits_for(cfg: RunConfig, data: ImageData | None = None) -> Splits:
+    """The config's training, validation and test splits (subset, padding, scaling). Binds
+    `cfg` to the data first (config.bind_to_data: image size, channels, class names, the
+    model adapted to them), or, for a bound config, checks that the data is the same."""
     data = data_for(cfg, data)
+    bind_to_data(cfg, data)
+    mean, std = cfg.stats
     return make_splits(data, subset=cfg.data.subset or None, val_fraction=cfg.data.validation_split,
-                       pad=cfg.pad, pad_value=cfg.data.pad_value)
+                       pad=cfg.pad, pad_value=cfg.data.pad_value, mean=mean, std=std)
 
 
 @contextlib.contextmanager
@@ -138,7 +150,7 @@ def _finish(trainer: Trainer, run_dir: RunDir, train_seconds: float) -> RunResul
     """Save the final weights, evaluate on the test set, write metrics.json; then the
     callbacks' on_run_end (figures)."""
     cfg, model, splits = trainer.config, trainer.model, trainer.splits
-    save_weights(model, run_dir.weights_file, {"model": cfg.model.name})
+    save_weights(model, run_dir.weights_file, {"model": run_name(cfg)})
     start = time.perf_counter()
     result = evaluate(model, splits.x_test, splits.y_test, cfg.train.eval_batch_size,
                       cfg.train.precision, cfg.train.tta)
@@ -149,7 +161,8 @@ def _finish(trainer: Trainer, run_dir: RunDir, train_seconds: float) -> RunResul
     metrics = {
         "test_loss": result["loss"], "test_accuracy": result["accuracy"],
         "test_correct": result["correct"], "test_size": len(splits.y_test),
-        "params": cfg.model.total_params, "epochs": len(history),
+        "params": cfg.model.total_params if cfg.model is not None else cfg.module.params,
+        "epochs": len(history),
         "best_epoch": best_index + 1 if best_index is not None else None,
         "train_seconds": train_seconds,
         "samples_per_second": images / train_seconds if train_seconds > 0 else None,
@@ -223,42 +236,123 @@ def _on_main(action):
     return result
 
 
-def train(name_or_config: str | RunConfig, out: str | os.PathLike | None = None, *,
-          data: FashionMNIST | None = None, progress: bool = True, callbacks=(),
-          **overrides) -> RunResult:
+def run_name(cfg: RunConfig) -> str:
+    """What a run's directory and figures are called: a plain module's class name, else the
+    recipe or model name."""
+    if cfg.module is not None:
+        return cfg.module.short_name
+    return cfg.recipe or cfg.model.name
+
+
+def module_info(model: torch.nn.Module) -> ModuleInfo:
+    """What config.toml records of a plain module: its class and parameter count (-1 while a
+    lazy module's parameters are not yet initialized)."""
+    cls = type(model)
+    params = sum(p.numel() for p in model.parameters()
+                 if not isinstance(p, torch.nn.parameter.UninitializedParameter))
+    lazy = any(isinstance(p, torch.nn.parameter.UninitializedParameter) for p in model.parameters())
+    return ModuleInfo(f"{cls.__module__}.{cls.__qualname__}", -1 if lazy else params)
+
+
+def _with_model(cfg: RunConfig, model) -> RunConfig:
+    """The config of a run of `model`: a spec model brings its spec; any other module is
+    recorded as [module] in place of the recipe's model (whose settings still apply)."""
+    if isinstance(model, KerasSequential):
+        return validate(dataclasses.replace(cfg, model=model.spec, module=None))
+    info = module_info(model)
+    if info.params < 0:
+        raise UserError(f"model: {info.qualname} still has uninitialized (lazy) parameters",
+                        setting="model")
+    return dataclasses.replace(cfg, model=None, module=info)
+
+
+def _model_for_run(cfg: RunConfig, model, run_dir: RunDir):
+    """The model to reload a run into: None (built from the run's spec) or the given one,
+    which a run of a plain module requires, with its parameter count."""
+    if cfg.module is None:
+        if model is not None and not isinstance(model, KerasSequential):
+            raise UserError(f"{run_dir}: the run's model is the spec {cfg.model.name!r}, not a "
+                            f"plain module; leave out model=", setting="model")
+        return model
+    if model is None:
+        how = (f"model={cfg.module.short_name}() to fashion_cnn.resume, evaluate_run, "
+               f"load_model or plots_from_run")
+        raise UserError(f"{run_dir}: {module_needed(cfg.module, how)}", setting="model")
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}",
+                        setting="model")
+    given = module_info(model)
+    if -1 not in (given.params, cfg.module.params) and given.params != cfg.module.params:
+        raise UserError(f"{run_dir}: the run's model ({cfg.module.qualname}) has "
+                        f"{cfg.module.params:,} parameters, the given one ({given.qualname}) "
+                        f"{given.params:,}; pass the module the run was trained with",
+                        setting="model")
+    if given.qualname != cfg.module.qualname and distributed.is_main():
+        print(f"warning: {run_dir} was trained with a {cfg.module.qualname}; using the given "
+              f"{given.qualname}", file=sys.stderr)
+    return model
+
+
+def train(name_or_config: str | RunConfig | None = None, out: str | os.PathLike | None = None,
+          *, model: torch.nn.Module | None = None, data: ImageData | None = None,
+          progress: bool = True, callbacks=(), **overrides) -> RunResult:
     """Train a recipe or model into a new run directory (`out`, or runs/<name>-<time>);
     evaluate on the test set at the end. No figures: fashion_cnn.train adds them.
 
     Overrides use the config's names: train("model1", epochs=1) or **{"train.epochs": 1}.
+    `model`: any torch.nn.Module (images (N, C, H, W) float32 in, logits (N, n_classes) out),
+    trained with the recipe's settings (the defaults without a recipe) in place of its model;
+    config.toml records its class and parameter count (docs/pytorch-modules.md).
     """
     distributed.setup_from_env()  # under torchrun: one of several processes
+    if name_or_config is None:
+        if model is None:
+            raise UserError("train needs a recipe, a model or a config, or model= (a PyTorch "
+                            "module)", setting="model")
+        name_or_config = RunConfig(model=None)
+    elif isinstance(name_or_config, os.PathLike):  # a recipe or config file
+        name_or_config = os.fspath(name_or_config)
     cfg = resolve_config(name_or_config, **overrides)
+    if model is None and cfg.model is None:
+        how = f"model={cfg.module.short_name}() to fashion_cnn.train"
+        raise UserError(module_needed(cfg.module, how), setting="model")
     check_options(cfg)
     configure_runtime(cfg.train.threads)
     reset_peak_rss()
     splits = splits_for(cfg, data)
+    if model is not None:
+        if not isinstance(model, KerasSequential):
+            check_module(model, splits, cfg.train.seed)  # before its parameters are counted
+        cfg = _with_model(cfg, model)
 
     def prepare() -> Path:
-        run_dir = RunDir.create(out, cfg.recipe or cfg.model.name)
+        run_dir = RunDir.create(out, run_name(cfg))
         run_dir.write_config(cfg)
         return run_dir.path
 
     run_dir = RunDir(_on_main(prepare))
     trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, callbacks),
-                      run_dir=run_dir)
+                      model=model, run_dir=run_dir)
     return _run(trainer, run_dir)
 
 
 def resume(run_dir: str | os.PathLike, *, epochs: int | None = None,
-           data: FashionMNIST | None = None, progress: bool = True,
-           expect: RunConfig | None = None, callbacks=()) -> RunResult:
+           data: ImageData | None = None, progress: bool = True,
+           expect: RunConfig | None = None, callbacks=(),
+           model: torch.nn.Module | None = None) -> RunResult:
     """Continue a run from its newest intact checkpoint with its own saved configuration.
 
     `expect`, when given, must match the run's configuration (train ... --resume checks this).
+    A run of a plain PyTorch module needs `model`: a new instance of it (its weights, like
+    everything else, come from the checkpoint).
     """
     run_dir = RunDir(run_dir)
     distributed.setup_from_env()  # under torchrun: one of several processes
     cfg = run_dir.read_config()
+    model = _model_for_run(cfg, model, run_dir)
+    if expect is not None:
+        data = data_for(cfg, data)
+        bind_to_data(expect, data)  # the given options, as the run resolved its own
     if expect is not None and expect.fingerprint() != cfg.fingerprint():
         raise UserError(f"{run_dir}: the given options contradict the run's configuration "
                         f"({config_differences(cfg, expect)}); continue it as it was with "
@@ -272,7 +366,7 @@ def resume(run_dir: str | os.PathLike, *, epochs: int | None = None,
     reset_peak_rss()
     splits = splits_for(cfg, data)
     trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, callbacks),
-                      run_dir=run_dir)
+                      model=model, run_dir=run_dir)
 
     def recover() -> list[str]:
         try:
@@ -315,11 +409,18 @@ def config_differences(run_cfg: RunConfig, given: RunConfig, limit: int = 3) -> 
     return "; ".join(diffs[:limit]) + more if diffs else "the model differs"
 
 
-def load_model(run_dir: str | os.PathLike, checkpoint: str | None = None) -> tuple[RunConfig, KerasSequential]:
-    """The run's config and model with its final weights (or a named checkpoint's)."""
+def load_model(run_dir: str | os.PathLike, checkpoint: str | None = None, *,
+               model: torch.nn.Module | None = None) -> tuple[RunConfig, torch.nn.Module]:
+    """The run's config and model with its final weights (or a named checkpoint's).
+
+    A run of a plain PyTorch module needs `model`, a new instance of it: the weights are
+    loaded into it (in place) and it is returned in eval mode.
+    """
     run_dir = RunDir(run_dir)
     cfg = run_dir.read_config()
-    model = build_model(cfg.model)
+    model = _model_for_run(cfg, model, run_dir)
+    if model is None:
+        model = build_model(cfg.model)
     if checkpoint:
         directory = run_dir.find_checkpoint(str(checkpoint), cfg.checkpoint.filename)
         path = checkpoint_weights(directory)  # checksums verified first
@@ -331,20 +432,23 @@ def load_model(run_dir: str | os.PathLike, checkpoint: str | None = None) -> tup
 
 
 def open_run(run_dir: str | os.PathLike, checkpoint: str | None = None,
-             data: FashionMNIST | None = None, *, with_splits: bool = True
-             ) -> tuple[RunConfig, KerasSequential, Splits | None]:
-    """A run reloaded to be used: its config, its model (load_model), this process set to the
-    run's thread count, and its splits (None with with_splits=False)."""
-    cfg, model = load_model(run_dir, checkpoint)
+             data: ImageData | None = None, *, with_splits: bool = True,
+             model: torch.nn.Module | None = None
+             ) -> tuple[RunConfig, torch.nn.Module, Splits | None]:
+    """A run reloaded to be used: its config, its model (load_model; `model` as there), this
+    process set to the run's thread count, and its splits (None with with_splits=False)."""
+    cfg, model = load_model(run_dir, checkpoint, model=model)
     configure_runtime(cfg.train.threads)
     return cfg, model, splits_for(cfg, data) if with_splits else None
 
 
-def evaluate_run(run_dir: str | os.PathLike, data: FashionMNIST | None = None,
-                 checkpoint: str | None = None, tta: str | None = None) -> dict:
+def evaluate_run(run_dir: str | os.PathLike, data: ImageData | None = None,
+                 checkpoint: str | None = None, tta: str | None = None, *,
+                 model: torch.nn.Module | None = None) -> dict:
     """Reload a run and evaluate it on the test set: loss, accuracy and per-class accuracy.
-    `tta` (none | shift | flip) overrides the run's own test-time augmentation setting."""
-    cfg, model, splits = open_run(run_dir, checkpoint, data)
+    `tta` (none | shift | flip) overrides the run's own test-time augmentation setting;
+    `model`: a new instance of a plain module's run's module (load_model)."""
+    cfg, model, splits = open_run(run_dir, checkpoint, data, model=model)
     tta = cfg.train.tta if tta is None else tta
     start = time.perf_counter()
     result = evaluate(model, splits.x_test, splits.y_test, cfg.train.eval_batch_size,
@@ -352,7 +456,7 @@ def evaluate_run(run_dir: str | os.PathLike, data: FashionMNIST | None = None,
     seconds = time.perf_counter() - start
     y, pred = splits.y_test, result["predictions"]
     per_class = {}
-    for index, name in enumerate(CLASS_NAMES):
+    for index, name in enumerate(cfg.class_names):
         mask = y == index
         per_class[name] = float((pred[mask] == index).float().mean()) if mask.any() else None
     out = {"test_loss": result["loss"], "test_accuracy": result["accuracy"],

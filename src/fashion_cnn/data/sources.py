@@ -1,0 +1,469 @@
+"""Datasets other than Fashion-MNIST: a folder of IDX files, an .npz file, a folder of images
+by class; and `open_dataset`, which loads whichever a config's `[data] dataset` names.
+
+    dataset = "fashion-mnist"        the default (fashion_mnist.py: verified, cached)
+    dataset = "data/kmnist"          a folder holding the four IDX files of the MNIST family
+    dataset = "data/digits.npz"      x_train, y_train, x_test, y_test (and class_names)
+    dataset = "data/flowers"         one subfolder per class, optionally under train/ and test/
+
+Without a test part (an image folder with no test/), a seeded, stratified `test_fraction` of
+each class is held out as the test set; the same files and settings hold out the same images.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .. import fileio
+from ..errors import DataError
+from .arrays import ImageData, check_arrays, stratified_holdout
+from .fashion_mnist import cache_root, load_data, parse_idx
+from .images import FITS, conform, fit_image, is_gray
+
+ORDERS = ("auto", "shuffle", "stored")
+_FOLDER_CACHE_FORMAT = 1
+_NAMED_WARNINGS = 10  # unreadable files named one by one in a warning; the rest are counted
+
+# IDX files of the MNIST family: the file names (any prefix, gzipped or not) and, for known
+# releases, the published MD5 of each file as distributed (gzipped) with the class names.
+IDX_PARTS = {"train_images": ("train-images-idx3-ubyte",),
+             "train_labels": ("train-labels-idx1-ubyte",),
+             "test_images": ("t10k-images-idx3-ubyte", "test-images-idx3-ubyte"),
+             "test_labels": ("t10k-labels-idx1-ubyte", "test-labels-idx1-ubyte")}
+KNOWN_IDX = {
+    "mnist": ({"train_images": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+               "train_labels": "d53e105ee54ea40749a09fcbcd1e9432",
+               "test_images": "9fb629c4189551a2d022fa330f9573f3",
+               "test_labels": "ec29112dd5afa0611ce80d1b7f02629c"},
+              [str(i) for i in range(10)]),
+    "kmnist": ({"train_images": "bdb82020997e1d708af4cf47b453dcf7",
+                "train_labels": "e144d726b3acfaa3e44228e80efcd344",
+                "test_images": "5c965bf0a639b31b8f53240b1b52f4d7",
+                "test_labels": "7320c461ea6c1c855c0b718fb2a4b134"},
+               ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]),
+}
+CHECKSUM_FILES = ("SHA256SUMS", "sha256sums.txt", "MD5SUMS", "md5sums.txt", "checksums.txt")
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _read_class_names(path: Path) -> list[str]:
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the class names ({exc})") from None
+    names = [n for n in names if n]
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: a class name appears twice")
+    return names
+
+
+# ----------------------------------------------------------------------------- IDX folders
+
+def _idx_file(directory: Path, key: str) -> Path | None:
+    found = []
+    for stem in IDX_PARTS[key]:
+        found += [p for p in directory.iterdir()
+                  if p.is_file() and p.name.endswith((stem, stem + ".gz"))]
+    if len(found) > 1:
+        raise DataError(f"{directory}: several files could be the {key.replace('_', ' ')} "
+                        f"({', '.join(sorted(p.name for p in found))}); keep one set per folder",
+                        setting="data.dataset")
+    return found[0] if found else None
+
+
+def is_idx_folder(directory: Path) -> bool:
+    return directory.is_dir() and _idx_file(directory, "train_images") is not None
+
+
+def _user_checksums(directory: Path) -> dict[str, str]:
+    """File name -> hex digest from a `sha256sum`/`md5sum` style list beside the files."""
+    sums = {}
+    for name in CHECKSUM_FILES:
+        path = directory / name
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                parts = line.strip().split()
+                if len(parts) == 2 and len(parts[0]) in (32, 64):
+                    sums[parts[1].lstrip("*")] = parts[0].lower()
+    return sums
+
+
+def load_idx_folder(directory: Path) -> ImageData:
+    """The four IDX files of an MNIST-family release in `directory`, verified for structure
+    (magic, dimensions, counts, label range) and checksums where known or given."""
+    paths = {}
+    for key in IDX_PARTS:
+        path = _idx_file(directory, key)
+        if path is None:
+            raise DataError(f"{directory}: no {IDX_PARTS[key][0]}[.gz] file (an IDX dataset "
+                            f"needs train and t10k images and labels)", setting="data.dataset")
+        paths[key] = path
+    stored, arrays = {}, {}
+    for key, path in paths.items():
+        try:
+            stored[key] = path.read_bytes()
+        except OSError as exc:
+            raise DataError(fileio.describe_os_error(path, exc)) from None
+        raw = stored[key]
+        if raw[:2] == b"\x1f\x8b":
+            try:
+                raw = gzip.decompress(raw)
+            except (EOFError, OSError, zlib.error):
+                raise DataError(f"{path}: gzip stream is truncated or corrupt") from None
+        arrays[key] = parse_idx(raw, path, 3 if key.endswith("images") else 1, image_size=None,
+                                fix_hint="replace the file")
+    given = _user_checksums(directory)
+    for key, path in paths.items():
+        if path.name in given:
+            expected = given[path.name]
+            algo = hashlib.md5 if len(expected) == 32 else hashlib.sha256
+            if algo(stored[key]).hexdigest() != expected:
+                raise DataError(f"{path}: checksum mismatch with the list beside it; "
+                                f"replace the file")
+    name, class_names = "idx", None
+    digests = {key: hashlib.md5(raw).hexdigest() for key, raw in stored.items()}
+    for known, (sums, names) in KNOWN_IDX.items():
+        matching = [key for key in sums if digests[key] == sums[key]]
+        if matching and len(matching) < len(sums):
+            bad = next(key for key in sums if key not in matching)
+            raise DataError(f"{paths[bad]}: MD5 mismatch ({known} release: the other files "
+                            f"match it, this one does not); replace the file")
+        if matching:
+            name, class_names = known, list(names)
+    if (directory / "classes.txt").is_file():
+        class_names = _read_class_names(directory / "classes.txt")
+    if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
+        raise DataError(f"{paths['test_images']}: images are {arrays['test_images'].shape[1:]}, "
+                        f"the training images {arrays['train_images'].shape[1:]}")
+    data = ImageData(**{k: v.astype(np.int64) if k.endswith("labels") else v
+                        for k, v in arrays.items()},
+                     source=directory, verified_md5=name != "idx" or bool(given),
+                     class_names=class_names, name=name)
+    check_arrays(data, str(directory))
+    return data
+
+
+# ----------------------------------------------------------------------------- .npz
+
+def load_npz(path: Path) -> ImageData:
+    """x_train, y_train, x_test, y_test (uint8 images (N, H, W[, C]), integer labels) and an
+    optional class_names array, read without unpickling anything."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, zlib.error, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+    if missing:
+        raise DataError(f"{path}: no array {missing[0]!r} (an .npz dataset holds x_train, "
+                        f"y_train, x_test, y_test; found {', '.join(sorted(arrays)) or 'none'})")
+    out = {}
+    for part in ("train", "test"):
+        x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
+        if x.dtype != np.uint8:
+            if not np.issubdtype(x.dtype, np.integer) or (x.size and (x.min() < 0 or x.max() > 255)):
+                raise DataError(f"{path}: x_{part} must hold 8-bit pixels (uint8, 0-255), "
+                                f"got {x.dtype}")
+            x = x.astype(np.uint8)
+        if x.ndim == 4 and x.shape[3] == 1:
+            x = x[..., 0]
+        y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{path}: y_{part} must be integer class indices (N,), got "
+                            f"{y.dtype} {y.shape}")
+        out[f"{part}_images"], out[f"{part}_labels"] = x, y.astype(np.int64)
+    names = [str(n) for n in arrays["class_names"].tolist()] if "class_names" in arrays else None
+    data = ImageData(**out, source=path, verified_md5=False, class_names=names, name="npz")
+    check_arrays(data, str(path))
+    return data
+
+
+# ----------------------------------------------------------------------------- image folders
+
+def _image_extensions() -> set[str]:
+    from PIL import Image
+
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def _class_folders(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _list_split(root: Path, classes: list[str], extensions: set[str]) -> list[tuple]:
+    """(class index, path relative to the dataset root's parent part, size, mtime_ns), in file
+    name order across classes (so numbered files keep their numbering's order)."""
+    entries = []
+    for index, cls in enumerate(classes):
+        for folder, dirs, files in os.walk(root / cls):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in files:
+                if name.startswith(".") or os.path.splitext(name)[1].lower() not in extensions:
+                    continue
+                path = Path(folder) / name
+                st = path.stat()
+                entries.append((index, path.relative_to(root).as_posix(), st.st_size,
+                                st.st_mtime_ns))
+    entries.sort(key=lambda e: (e[1].rsplit("/", 1)[-1], e[0], e[1]))
+    return entries
+
+
+def _progress(total: int, desc: str, enabled: bool | None):
+    from tqdm import tqdm
+
+    # disable=None: shown only on a terminal, so logs and CI stay clean
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr,
+                disable=None if enabled is None else not enabled, leave=False)
+
+
+def _unreadable(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _survey(files: list[Path]) -> tuple[dict, dict]:
+    """Header-only pass: {path: (width, height, gray)} of the readable files, and
+    {path: reason} of those Pillow cannot even identify."""
+    from PIL import Image
+
+    sizes, bad = {}, {}
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                sizes[path] = (image.width, image.height, is_gray(image.mode))
+        except Exception as exc:  # Pillow raises many kinds on a bad file
+            bad[path] = _unreadable(exc)
+    return sizes, bad
+
+
+def _choose_shape(sizes: dict, image_size: int, channels: int, root: Path) -> tuple[int, int]:
+    if not sizes:
+        raise DataError(f"{root}: no readable image in the class folders", setting="data.dataset")
+    if not channels:
+        channels = 1 if all(gray for _, _, gray in sizes.values()) else 3
+    if not image_size:
+        shapes = {(w, h) for w, h, _ in sizes.values()}
+        if len(shapes) > 1 or next(iter(shapes))[0] != next(iter(shapes))[1]:
+            listed = ", ".join(f"{w}x{h}" for w, h in sorted(shapes)[:4])
+            raise DataError(f"{root}: the images have {'different sizes' if len(shapes) > 1 else 'a non-square size'} "
+                            f"({listed}{', ...' if len(shapes) > 4 else ''}); set [data] "
+                            f"image_size (e.g. --set data.image_size=64)",
+                            setting="data.image_size")
+        image_size = next(iter(shapes))[0]
+    return image_size, channels
+
+
+def load_image_folder(root: Path, *, image_size: int = 0, channels: int = 0,
+                      fit: str = "letterbox", strict: bool = False, use_cache: bool = True,
+                      progress: bool | None = None, class_names=None) -> ImageData:
+    """A folder with one subfolder per class (optionally under train/ and test/), decoded once
+    into the cache; the cache is keyed by every file's path, size and modification time, so a
+    changed folder is decoded again. Files Pillow cannot read are skipped with a warning that
+    names them, or refused with `strict`. The test part is empty without a test/ folder."""
+    root = Path(root)
+    train_root = root / "train" if (root / "train").is_dir() else root
+    test_root = root / "test" if train_root != root and (root / "test").is_dir() else None
+    classes = _class_folders(train_root)
+    if class_names:  # Keras' class_names: the subfolders, in the order that numbers them
+        missing = [c for c in class_names if c not in classes]
+        extra = [c for c in classes if c not in class_names]
+        if missing or extra:
+            raise DataError(f"{train_root}: class_names must name its subfolders exactly "
+                            f"({'no folder ' + repr(missing[0]) if missing else 'folder ' + repr(extra[0]) + ' not named'})",
+                            setting="data.class_names")
+        classes = list(class_names)
+    if len(classes) < 2:
+        raise DataError(f"{train_root}: an image folder needs one subfolder per class, at "
+                        f"least 2 (found {len(classes)})", setting="data.dataset")
+    if test_root is not None:
+        extra = sorted(set(_class_folders(test_root)) - set(classes))
+        if extra:
+            raise DataError(f"{test_root / extra[0]}: a test class with no training folder",
+                            setting="data.dataset")
+    extensions = _image_extensions()
+    listing = {"train": _list_split(train_root, classes, extensions),
+               "test": _list_split(test_root, classes, extensions) if test_root else []}
+    split_roots = {"train": train_root, "test": test_root}
+    # One cache per folder and fit: the sizes asked for are checked against the manifest, so
+    # asking for the size the data was decoded at (a run's own config) finds it.
+    key = hashlib.sha256(json.dumps(
+        [_FOLDER_CACHE_FORMAT, str(root.resolve()), fit, classes, listing],
+        sort_keys=True).encode()).hexdigest()[:20]
+    cache_dir = cache_root() / "folders" / key
+    data = _read_folder_cache(cache_dir, root, classes, image_size, channels) if use_cache else None
+    if data is None:
+        data, manifest = _decode_folder(root, split_roots, classes, listing, image_size,
+                                        channels, fit, progress)
+        if use_cache:
+            _write_folder_cache(cache_dir, data, manifest)
+    _report_skipped(data.skipped, strict)
+    check_arrays(data, str(root))
+    return data
+
+
+def _report_skipped(skipped: list, strict: bool) -> None:
+    if not skipped:
+        return
+    if strict:
+        path, reason = skipped[0]
+        raise DataError(f"{path}: cannot read as an image ({reason}); remove or replace it, "
+                        f"or run without --strict to skip it", setting="data.strict")
+    named = "; ".join(f"{path} ({reason})" for path, reason in skipped[:_NAMED_WARNINGS])
+    more = f"; and {len(skipped) - _NAMED_WARNINGS} more" if len(skipped) > _NAMED_WARNINGS else ""
+    warn(f"skipped {len(skipped)} unreadable image file(s): {named}{more}")
+
+
+def _decode_folder(root, split_roots, classes, listing, image_size, channels, fit, progress):
+    from PIL import Image
+
+    all_paths = [split_roots[s] / rel for s in listing for _, rel, _, _ in listing[s]]
+    bad: dict = {}
+    if not (image_size and channels):
+        sizes, bad = _survey(all_paths)
+        image_size, channels = _choose_shape(sizes, image_size, channels, root)
+    shape = (image_size, image_size) + ((3,) if channels == 3 else ())
+    arrays, files, skipped = {}, [], []
+    bar = _progress(len(all_paths), f"decoding {root.name}", progress)
+    try:
+        for split, entries in listing.items():
+            images = np.empty((len(entries),) + shape, np.uint8)
+            labels = np.empty(len(entries), np.int64)
+            kept = 0
+            for index, rel, size, _ in entries:
+                path = split_roots[split] / rel
+                bar.update(1)
+                if path in bad:
+                    skipped.append((str(path), bad[path]))
+                    continue
+                try:
+                    raw = path.read_bytes()
+                    with Image.open(io.BytesIO(raw)) as image:
+                        image.load()
+                        images[kept] = fit_image(image, image_size, channels, fit)
+                except Exception as exc:  # unreadable or truncated: skipped, named below
+                    skipped.append((str(path), _unreadable(exc)))
+                    continue
+                labels[kept] = index
+                kept += 1
+                files.append([split, rel, size, hashlib.sha256(raw).hexdigest()])
+            arrays[f"{split}_images"], arrays[f"{split}_labels"] = images[:kept], labels[:kept]
+    finally:
+        bar.close()
+    data = ImageData(**arrays, source=root, verified_md5=False, class_names=classes,
+                     name="image-folder", skipped=skipped)
+    manifest = {"format": _FOLDER_CACHE_FORMAT, "root": str(root.resolve()), "classes": classes,
+                "image_size": image_size, "channels": channels, "fit": fit, "files": files,
+                "skipped": skipped}
+    return data, manifest
+
+
+def _write_folder_cache(cache_dir: Path, data: ImageData, manifest: dict) -> None:
+    try:
+        for key in ("train_images", "train_labels", "test_images", "test_labels"):
+            array = getattr(data, key)
+            fileio.write_with(cache_dir / f"{key}.npy",
+                              lambda tmp, a=array: np.save(open(tmp, "wb"), a))
+        fileio.write_json(cache_dir / "manifest.json", manifest)  # last: marks the set complete
+    except Exception:
+        pass  # the cache is an optimisation; a read-only home must not stop training
+
+
+def _read_folder_cache(cache_dir: Path, root: Path, classes: list[str], image_size: int,
+                       channels: int) -> ImageData | None:
+    try:
+        manifest = json.loads((cache_dir / "manifest.json").read_text())
+        if (manifest.get("format") != _FOLDER_CACHE_FORMAT or manifest.get("classes") != classes
+                or image_size not in (0, manifest.get("image_size"))
+                or channels not in (0, manifest.get("channels"))):
+            return None
+        arrays = {key: np.load(cache_dir / f"{key}.npy", allow_pickle=False)
+                  for key in ("train_images", "train_labels", "test_images", "test_labels")}
+    except (OSError, ValueError, KeyError):
+        return None  # no cache yet, or a damaged one: decoded again
+    return ImageData(**arrays, source=root, from_cache=True, verified_md5=False,
+                     class_names=classes, name="image-folder",
+                     skipped=[tuple(s) for s in manifest.get("skipped", [])])
+
+
+# ----------------------------------------------------------------------------- any dataset
+
+def dataset_kind(dataset: str) -> str:
+    """fashion-mnist | npz | idx | image-folder, from the name or what the path holds."""
+    if dataset == "fashion-mnist":
+        return dataset
+    path = Path(dataset).expanduser()
+    if not path.exists():
+        raise DataError(f"{dataset}: no such dataset (give fashion-mnist, a folder of images "
+                        f"by class, a folder of IDX files or an .npz file)",
+                        setting="data.dataset")
+    if path.is_file():
+        if path.suffix.lower() == ".npz":
+            return "npz"
+        raise DataError(f"{dataset}: a dataset file must be an .npz (x_train, y_train, "
+                        f"x_test, y_test)", setting="data.dataset")
+    return "idx" if is_idx_folder(path) else "image-folder"
+
+
+def open_dataset(dataset: str = "fashion-mnist", *, data_dir: str = "", image_size: int = 0,
+                 channels: int = 0, fit: str = "letterbox", order: str = "auto",
+                 test_fraction: float = 0.2, split_seed: int = 0, strict: bool = False,
+                 class_names=None, progress: bool | None = None) -> ImageData:
+    """Load the dataset a config names, brought to `image_size` and `channels` (0: the data's
+    own), its training part ordered (`order`) and, when it has no test part, a stratified
+    `test_fraction` held out as the test set. `class_names`: for an image folder, its
+    subfolders in the order that numbers the classes (default: sorted, as Keras); for other
+    data, names for its labels 0, 1, ... DataError names the file and the setting."""
+    if fit not in FITS:
+        raise DataError(f"fit must be one of {', '.join(FITS)}, got {fit!r}", setting="data.fit")
+    if order not in ORDERS:
+        raise DataError(f"order must be one of {', '.join(ORDERS)}, got {order!r}",
+                        setting="data.order")
+    kind = dataset_kind(dataset)
+    if kind == "fashion-mnist":
+        data = load_data(data_dir or None)
+    elif kind == "npz":
+        data = load_npz(Path(dataset).expanduser())
+    elif kind == "idx":
+        data = load_idx_folder(Path(dataset).expanduser())
+    else:
+        data = load_image_folder(Path(dataset).expanduser(), image_size=image_size,
+                                 channels=channels, fit=fit, strict=strict, progress=progress,
+                                 class_names=class_names)
+    if class_names and kind != "image-folder":
+        if len(class_names) != data.num_classes:
+            raise DataError(f"{dataset}: {len(class_names)} class_names for "
+                            f"{data.num_classes} classes", setting="data.class_names")
+        data.class_names = list(class_names)
+    if kind != "image-folder" and (image_size or channels):
+        size = image_size or data.image_size
+        want = channels or data.channels
+        for part in ("train", "test"):
+            setattr(data, f"{part}_images",
+                    conform(getattr(data, f"{part}_images"), size, want, fit))
+    if len(data.test_images) == 0:
+        held = stratified_holdout(data.train_labels, test_fraction, split_seed)
+        if not held.any():
+            raise DataError(f"{dataset}: no test/ folder and test_fraction {test_fraction} "
+                            f"holds out no image", setting="data.test_fraction")
+        data.test_images, data.test_labels = data.train_images[held], data.train_labels[held]
+        data.train_images, data.train_labels = data.train_images[~held], data.train_labels[~held]
+        data.notes.append(f"held out {int(held.sum())} images ({test_fraction:g} of each "
+                          f"class, seed {split_seed}) as the test set")
+    if order == "shuffle" or (order == "auto" and kind == "image-folder"):
+        # Keras' image_dataset_from_directory shuffles the files (seeded) before the
+        # validation split takes the last part; file order would put whole classes there.
+        perm = np.random.default_rng(split_seed).permutation(len(data.train_labels))
+        data.train_images, data.train_labels = data.train_images[perm], data.train_labels[perm]
+    check_arrays(data, dataset)
+    return data
