@@ -48,7 +48,23 @@ def _contiguous(tensors: dict) -> dict:
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return _contiguous(model.state_dict())
+    """The state_dict as safetensors takes it: contiguous, and each tensor with a memory of its
+    own. A module may tie weights (one Parameter under two names) or keep a view of another
+    tensor; safetensors refuses tensors that share memory, so each later one is copied (the
+    file then holds both names, and load_state_dict fills both)."""
+    out, seen = {}, set()
+    for name, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"model: its state_dict entry {name!r} is a "
+                            f"{type(value).__name__}, not a tensor; checkpoints hold tensors "
+                            f"only", setting="model")
+        tensor = value.detach().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen or not tensor.numel():
+            tensor = tensor.clone()
+        seen.add(storage)
+        out[name] = tensor
+    return out
 
 
 def _save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:

@@ -59,6 +59,11 @@ class TrainState:
 class Trainer:
     """Holds the model, optimizer, generators and state of one run; `fit()` trains it.
 
+    `model` is built from `config.model` when not given; it may be any torch.nn.Module that
+    maps float32 images (N, C, H, W) to logits (N, n_classes) (see check_module). Keras
+    regularizer penalties (has_regularizers, regularization_penalty) and the fused C kernels
+    (use_fused_kernels) apply to modules that have them: spec models.
+
     Callbacks are plain objects with any of: on_train_begin(trainer), on_epoch_begin(trainer,
     epoch), on_batch_end(trainer, batch, steps), on_epoch_end(trainer, epoch, logs),
     on_interrupt(trainer), on_train_end(trainer), and, once a run is evaluated (run.py),
@@ -66,7 +71,7 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, splits: Splits, callbacks=(),
-                 model: KerasSequential | None = None, run_dir=None):
+                 model: torch.nn.Module | None = None, run_dir=None):
         self.config = config
         self.splits = splits
         self.callbacks = list(callbacks)
@@ -76,7 +81,14 @@ class Trainer:
         self.rank, self.world = distributed.world()
         if t.threads or self.world > 1:
             torch.set_num_threads(t.threads or distributed.default_threads())
-        self.model = model if model is not None else build_model(config.model, seed=t.seed)
+        if model is None:
+            if config.model is None:
+                raise UserError(module_needed(config.module, "Trainer's model="),
+                                setting="model")
+            model = build_model(config.model, seed=t.seed)
+        elif not isinstance(model, KerasSequential):
+            check_module(model, splits, t.seed)
+        self.model = model
         self.optimizer = make_optimizer(self.model, t)
         # the shuffle is common to all processes; augmentation and dropout are drawn per process
         # (process 0 draws as a single process does)
@@ -181,7 +193,7 @@ class Trainer:
         started = time.perf_counter() - s.epoch_seconds
         losses = torch.zeros(self.steps_per_epoch)  # per-batch loss, read only for the NaN guard
         checked = s.batch_in_epoch
-        regularized = self.model.has_regularizers
+        regularized = bool(getattr(self.model, "has_regularizers", False))  # spec models only
         while s.batch_in_epoch < self.steps_per_epoch:
             if self._pause_hook:
                 fileio.fault_hook("batch", f"epoch={s.epoch + 1},batch={s.batch_in_epoch};",
@@ -302,10 +314,52 @@ class Trainer:
             return {}
         result = evaluate(self.model, x, y, self.config.train.eval_batch_size,
                           self.config.train.precision, tta)
-        if self.model.has_regularizers:  # Keras counts the penalty in val_loss too
+        if getattr(self.model, "has_regularizers", False):  # Keras counts it in val_loss too
             with torch.no_grad():
                 result["loss"] += float(self.model.regularization_penalty())
         return {"loss": result["loss"], "accuracy": result["accuracy"]}
+
+
+def module_needed(info, how: str) -> str:
+    """The one-line reason a run or config of a plain module cannot go on without it."""
+    what = f" ({info.qualname}, {info.params:,} parameters)" if info is not None else ""
+    return (f"the run's model is a plain PyTorch module{what}, which only Python code can "
+            f"rebuild: pass a new one as {how}")
+
+
+def check_module(model, splits: Splits, seed: int = 0) -> None:
+    """Check that a plain module maps two training images (2, C, H, W) float32 to logits
+    (2, n_classes); UserError (setting "model") saying what it returned otherwise.
+
+    Runs in eval mode without gradients and leaves the global generator as it was, so training
+    is unchanged; a lazy module (nn.LazyLinear...) is initialized here, from `seed`.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}",
+                        setting="model")
+    if len(splits.x_train) < 2:
+        return
+    # (2, C, H, W) float32, channels_last as evaluation passes it (x.view(N, -1) fails there)
+    x = splits.train_batch(slice(0, 2)).contiguous(memory_format=torch.channels_last)
+    classes = int(splits.y_train.max()) + 1
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            out = model(x)
+    except Exception as exc:  # any error of user code: one line, the module's own words
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"model: its forward pass failed on a batch of shape {tuple(x.shape)} "
+                        f"({type(exc).__name__}: {first})", setting="model") from None
+    finally:
+        model.train(was_training)
+    if (not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2
+            or out.shape[1] < classes or not out.is_floating_point()):
+        got = (f"shape {tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise UserError(f"model: for images of shape {tuple(x.shape)} it returned {got}; it "
+                        f"must return float logits of shape (N, {classes})", setting="model")
 
 
 def tta_views(batch: torch.Tensor, tta: str) -> list[torch.Tensor]:
