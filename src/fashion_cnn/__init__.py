@@ -18,6 +18,7 @@ from .analysis.runs import resume, train
 from .analysis.study import list_studies, load_study
 from .analysis.study_run import run_study
 from .apps.export import export_onnx
+from .apps.keras_import import import_keras
 from .apps.predict import predict_files, save_inputs
 from .apps.tune import tune
 from .data.arrays import ImageData, class_counts, make_splits
@@ -27,6 +28,7 @@ from .data.sources import open_dataset
 from .errors import (CheckpointError, DataError, Interrupted, NonFiniteLoss, SpecError,
                      TrainingStopped, UserError)
 from .models.build import build_model
+from .models.keras_format import keras_to_spec, load_keras
 from .models.spec import parse_spec, summary
 from .models.zoo import get_model_spec, list_models
 from .models.spec import adapt_spec
@@ -51,7 +53,8 @@ __all__ = [
     "compare_runs", "list_studies", "load_study", "run_study", "write_report",
     "results_markdown",
     # apps
-    "predict_files", "save_inputs", "export_onnx", "tune",
+    "predict_files", "save_inputs", "export_onnx", "tune", "import_keras", "load_keras",
+    "keras_to_spec",
     # errors
     "UserError", "DataError", "SpecError", "CheckpointError", "TrainingStopped", "Interrupted",
     "NonFiniteLoss",

@@ -246,6 +246,26 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_import_keras(args) -> int:
+    from ..apps.keras_import import import_keras
+    from ..models.spec import summary
+    from ..training.rundir import RunDir
+
+    if args.weights_only and not args.model:
+        raise UserError("--weights-only needs --model SPEC (a zoo model or a spec .toml)")
+    if args.model and not args.weights_only:
+        raise UserError("--model gives the architecture of a weights-only file; add --weights-only")
+    overrides = {k: v for k, v in {"data.dataset": args.dataset, "data.data_dir": args.data_dir,
+                                   "data.strict": args.strict}.items() if v is not None}
+    overrides.update(_set_overrides(args))
+    run_dir = import_keras(args.file, args.out, weights_only=args.weights_only, model=args.model,
+                           name=args.name, recipe=args.recipe, **overrides)
+    print(summary(RunDir(run_dir).read_config().model))
+    print(f"Imported {args.file} into {run_dir}; evaluate: fashion-cnn evaluate {run_dir}; "
+          f"fine-tune: fashion-cnn resume {run_dir} --epochs N")
+    return 0
+
+
 def _one_process(command: str, instead: str) -> None:
     """Commands that are not data-parallel refuse torchrun's several processes."""
     from ..training.distributed import launched_processes

@@ -130,6 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the comparison with PyTorch in onnxruntime")
     p.set_defaults(func=commands.cmd_export)
 
+    p = sub.add_parser("import-keras", help="import a Keras model file (.keras, .h5) as a run")
+    p.add_argument("file", metavar="FILE",
+                   help="a Keras 3 .keras or Keras 2 .h5 model (as ModelCheckpoint writes), or "
+                        "with --weights-only a .weights.h5")
+    p.add_argument("--out", help="run directory (default runs/<name>-keras-<time>)")
+    p.add_argument("--weights-only", action="store_true",
+                   help="FILE holds weights only; --model gives the architecture")
+    p.add_argument("--model", metavar="SPEC", help="zoo model or spec .toml (with --weights-only)")
+    p.add_argument("--name", help="the model's name (default: the Keras model's)")
+    p.add_argument("--recipe", help="training settings for fine-tuning with resume "
+                                    "(default: Keras' defaults)")
+    _add_dataset_options(p)
+    p.add_argument("--data-dir", help="directory of Fashion-MNIST's IDX files")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a setting, e.g. --set train.lr=0.0001")
+    p.set_defaults(func=commands.cmd_import_keras)
+
     from ..apps.tune import list_searches
 
     p = sub.add_parser("tune", help="search a recipe's settings with Optuna, judged on validation")
