@@ -84,11 +84,10 @@ def write_image_folder(root, images: np.ndarray, labels: np.ndarray, class_names
     ROOT[/split]/<class name>/<number>.<fmt>, numbered from `start` in array order with five
     digits (so the files' names keep the arrays' order). "/" in a class name becomes "-".
     JPEG files are written at `quality`. Returns the root as a Path."""
+    import os
     from pathlib import Path
 
     from PIL import Image
-
-    from .. import fileio
 
     root = Path(root)
     base = root / split if split else root
@@ -96,8 +95,17 @@ def write_image_folder(root, images: np.ndarray, labels: np.ndarray, class_names
     for folder in folders:
         (base / folder).mkdir(parents=True, exist_ok=True)
     options = {"quality": quality} if fmt.lower() in ("jpg", "jpeg") else {}
+    kind = Image.registered_extensions().get("." + fmt.lower())
+    if kind is None:
+        from ..errors import UserError
+
+        raise UserError(f"fmt {fmt!r}: not an image format Pillow writes (png, jpg, webp, ...)",
+                        setting="fmt")
     for offset, (image, label) in enumerate(zip(images, labels)):
         path = base / folders[int(label)] / f"{start + offset:05d}.{fmt}"
-        fileio.write_with(path, lambda tmp, a=image: Image.fromarray(a).save(
-            tmp, format=Image.registered_extensions()["." + fmt.lower()], **options))
+        # renamed into place (a reader never sees half a file) but not fsynced one by one:
+        # thousands of small files, and a crash leaves at worst files that a load skips
+        tmp = path.with_name(f".{path.name}.tmp")
+        Image.fromarray(image).save(tmp, format=kind, **options)
+        os.replace(tmp, path)
     return root
