@@ -134,6 +134,9 @@ def test_every_command_runs_on_a_colour_folder(colour_folder, tmp_path, capsys, 
     assert spec_cfg.data.normalize == "mean_std" and len(spec_cfg.data.mean) == 3
     capsys.readouterr()
 
+    assert main(["resume", "zoo", "--epochs", "2", "--quiet", "--no-plots"]) == 0
+    assert len(fc.RunDir("zoo").read_history()) == 2
+    capsys.readouterr()
     assert main(["evaluate", "spec", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert set(evaluated["per_class_accuracy"]) == set(COLOUR_NAMES)
