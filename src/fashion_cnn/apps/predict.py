@@ -29,7 +29,7 @@ import torch
 from .. import fileio
 from ..data.arrays import to_tensor
 from ..data.fashion_mnist import CLASS_NAMES, IMAGE_SIZE
-from ..data.images import fit_image
+from ..data.images import eight_bit, fit_image
 from ..errors import UserError
 
 INVERT_CHOICES = ("auto", "yes", "no")
@@ -97,15 +97,8 @@ def _grayscale(image) -> np.ndarray:
     cut out of their background)."""
     from PIL import Image
 
-    if image.mode.startswith("I"):  # 16-bit grayscale (PNG, TIFF): convert("L") would clip
-        values = np.asarray(image, dtype=np.float64)
-        if values.max(initial=0.0) > 255:  # else 8-bit values kept in a wider mode
-            values = values / 257.0
-        return np.clip(values, 0, 255).round().astype(np.uint8)
-    if image.mode == "F":  # float grayscale (TIFF): taken as 0..1 where it fits, else 0..255
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        values = values * 255.0 if values.max(initial=0.0) <= 1.0 else values
-        return np.clip(values, 0, 255).round().astype(np.uint8)
+    if image.mode.startswith("I") or image.mode == "F":  # convert("L") would clip them
+        return np.asarray(eight_bit(image), dtype=np.uint8)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

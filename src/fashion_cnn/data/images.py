@@ -21,23 +21,29 @@ def is_gray(mode: str) -> bool:
     return mode in GRAY_MODES
 
 
-def _eight_bit(image):
-    """Pillow's 16-bit and float modes as 8-bit L, scaled by their own range, not clipped."""
+def eight_bit(image):
+    """Pillow's 16-bit and float grayscale modes as 8-bit L, where convert("L") would clip:
+    16-bit values (above 255) divided by 257; floats taken as 0..1 where they fit, else
+    0..255. Other modes pass unchanged."""
     from PIL import Image
 
-    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+    if image.mode.startswith("I"):  # 16-bit grayscale (PNG, TIFF)
         values = np.asarray(image, dtype=np.float64)
-        top = values.max(initial=0.0)
-        scale = 255.0 / (65535.0 if top > 255 else 255.0) if top > 1.0 else 255.0
-        return Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8))
-    return image
+        if values.max(initial=0.0) > 255:  # else 8-bit values kept in a wider mode
+            values = values / 257.0
+    elif image.mode == "F":  # float grayscale (TIFF)
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        values = values * 255.0 if values.max(initial=0.0) <= 1.0 else values
+    else:
+        return image
+    return Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8))
 
 
 def fit_image(image, size: int, channels: int, fit: str = "letterbox") -> np.ndarray:
     """A Pillow image as uint8 (size, size) for channels=1 or (size, size, 3) for channels=3."""
     from PIL import Image
 
-    image = _eight_bit(image).convert("L" if channels == 1 else "RGB")
+    image = eight_bit(image).convert("L" if channels == 1 else "RGB")
     width, height = image.size
     if (width, height) != (size, size):
         lanczos = Image.Resampling.LANCZOS
