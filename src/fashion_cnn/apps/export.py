@@ -136,7 +136,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
 
 def pixel_shape(config, n: int) -> tuple[int, ...]:
     """The "pixels" input's shape for n images of the run's data: (n, H, W) or (n, H, W, 3)."""
-    size, channels = config.image_size, config.data.channels or 1
+    size, channels = config.image_size, config.channels
     return (n, size, size) if channels == 1 else (n, size, size, channels)
 
 
@@ -149,7 +149,7 @@ def _add_metadata(path: Path, config) -> None:
     graph = onnx.load(str(path))
     for key, value in {"class_names": json.dumps(config.class_names),
                        "dataset": config.data.dataset, "image_size": str(config.image_size),
-                       "channels": str(config.data.channels or 1),
+                       "channels": str(config.channels),
                        "normalize": config.data.normalize}.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value

@@ -161,7 +161,7 @@ def model_input(image, config, invert: str = "auto") -> tuple[np.ndarray, bool]:
     dataset its image_size and channels by its [data] fit rule, as its folder was decoded."""
     if config.data.dataset == "fashion-mnist":
         return to_fashion_mnist(image, invert)
-    return fit_image(image, config.image_size, config.data.channels or 1, config.data.fit), False
+    return fit_image(image, config.image_size, config.channels, config.data.fit), False
 
 
 def predict_arrays(model: torch.nn.Module, config, images: np.ndarray,

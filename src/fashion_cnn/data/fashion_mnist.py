@@ -98,14 +98,20 @@ def _read_raw(path: Path) -> bytes:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    return unzip_idx(raw, path)
+
+
+def unzip_idx(raw: bytes, path: Path, fix_hint: str = FIX_HINT) -> bytes:
+    """An IDX file's bytes as stored -> its decoded bytes (gunzipped where gzipped);
+    DataError names the file when the gzip stream is truncated or corrupt."""
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
         except (EOFError, OSError, zlib.error) as exc:
             reason = "truncated" if isinstance(exc, EOFError) else f"corrupt ({exc})"
-            raise DataError(f"{path}: gzip stream is {reason}; {FIX_HINT}") from None
+            raise DataError(f"{path}: gzip stream is {reason}; {fix_hint}") from None
     if path.suffix == ".gz":
-        raise DataError(f"{path}: not a gzip file (bad gzip header); {FIX_HINT}")
+        raise DataError(f"{path}: not a gzip file (bad gzip header); {fix_hint}")
     return raw
 
 

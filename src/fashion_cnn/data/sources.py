@@ -13,7 +13,6 @@ each class is held out as the test set; the same files and settings hold out the
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import zlib
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from .. import fileio
 from ..errors import DataError
 from .arrays import ImageData, check_arrays, stratified_holdout
-from .fashion_mnist import load_data, parse_idx
+from .fashion_mnist import load_data, parse_idx, unzip_idx
 from .folders import load_image_folder
 from .images import FITS, conform
 
@@ -108,12 +107,7 @@ def load_idx_folder(directory: Path) -> ImageData:
             stored[key] = path.read_bytes()
         except OSError as exc:
             raise DataError(fileio.describe_os_error(path, exc)) from None
-        raw = stored[key]
-        if raw[:2] == b"\x1f\x8b":
-            try:
-                raw = gzip.decompress(raw)
-            except (EOFError, OSError, zlib.error):
-                raise DataError(f"{path}: gzip stream is truncated or corrupt") from None
+        raw = unzip_idx(stored[key], path, fix_hint="replace the file")
         arrays[key] = parse_idx(raw, path, 3 if key.endswith("images") else 1, image_size=None,
                                 fix_hint="replace the file")
     given = _user_checksums(directory)
@@ -143,8 +137,7 @@ def load_idx_folder(directory: Path) -> ImageData:
                         for k, v in arrays.items()},
                      source=directory, verified_md5=name != "idx" or bool(given),
                      class_names=class_names, name=name)
-    check_arrays(data, str(directory))
-    return data
+    return data  # open_dataset checks the arrays (check_arrays)
 
 
 # ----------------------------------------------------------------------------- .npz
@@ -177,9 +170,8 @@ def load_npz(path: Path) -> ImageData:
                             f"{y.dtype} {y.shape}")
         out[f"{part}_images"], out[f"{part}_labels"] = x, y.astype(np.int64)
     names = [str(n) for n in arrays["class_names"].tolist()] if "class_names" in arrays else None
-    data = ImageData(**out, source=path, verified_md5=False, class_names=names, name="npz")
-    check_arrays(data, str(path))
-    return data
+    # open_dataset checks the arrays (check_arrays)
+    return ImageData(**out, source=path, verified_md5=False, class_names=names, name="npz")
 
 
 # ----------------------------------------------------------------------------- any dataset

@@ -138,6 +138,11 @@ class RunConfig:
         return self.data.image_size or 28
 
     @property
+    def channels(self) -> int:
+        """The images' channels; Fashion-MNIST's one until a run fills in data.channels."""
+        return self.data.channels or 1
+
+    @property
     def class_names(self) -> list[str]:
         """The classes in label order; Fashion-MNIST's until a run fills in data.class_names."""
         from ..data.fashion_mnist import CLASS_NAMES
@@ -249,15 +254,13 @@ def check_model_fits(cfg: RunConfig) -> None:
     """SpecError unless the model's input is the (padded) images of the config's data."""
     if cfg.model is None:  # a plain module: its input is its own business
         return
-    d = cfg.data
     side, size = cfg.model.input_shape[0], cfg.image_size
     if cfg.model.input_shape[0] != cfg.model.input_shape[1] or side != size + 2 * cfg.pad:
         raise SpecError(f"model {cfg.model.name!r} expects {side}x{cfg.model.input_shape[1]} "
                         f"input but the data is {size + 2 * cfg.pad}x{size + 2 * cfg.pad} "
                         f"({size} + 2 x pad {cfg.pad}); fix [data] pad or the model's input_shape")
-    channels = d.channels or 1
-    if cfg.model.input_shape[2] != channels:
-        raise SpecError(f"model {cfg.model.name!r}: the data has {channels} channel(s), "
+    if cfg.model.input_shape[2] != cfg.channels:
+        raise SpecError(f"model {cfg.model.name!r}: the data has {cfg.channels} channel(s), "
                         f"input_shape has {cfg.model.input_shape[2]}")
 
 
