@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fashion_cnn import fileio
-from fashion_cnn.perf import bf16_supported
+from fashion_cnn.devices import cpu_has_native_bf16
 
 BENCH_DIR = Path(__file__).resolve().parent
 OUT_DIR = BENCH_DIR / "out"  # git-ignored
@@ -41,7 +41,7 @@ def machine_info() -> dict:
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
-        "bf16_native": bf16_supported(),
+        "bf16_native": cpu_has_native_bf16(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),

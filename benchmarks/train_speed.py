@@ -32,7 +32,8 @@ import torch
 from common import (OUT_DIR, TRAIN_SPLIT_IMAGES, fmt, machine_info, median, note, table,
                     write_result)
 from fashion_cnn.data.fashion_mnist import load_data
-from fashion_cnn.perf import bf16_supported, configure_runtime
+from fashion_cnn.devices import cpu_has_native_bf16
+from fashion_cnn.perf import configure_runtime
 from fashion_cnn.training.recipes import resolve_config
 from fashion_cnn.training.run import splits_for
 from fashion_cnn.training.rundir import RunDir
@@ -228,7 +229,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_runtime(args.threads)
-    precisions = args.precisions or (["fp32", "bf16"] if bf16_supported() else ["fp32"])
+    precisions = args.precisions or (["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"])
     if args.precisions is None and "bf16" not in precisions:
         note("train_speed: this CPU has no native bf16; timing fp32 only "
              "(pass --precisions fp32 bf16 to time emulated bf16 anyway)")

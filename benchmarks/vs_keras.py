@@ -37,7 +37,8 @@ import numpy as np
 
 from common import BENCH_DIR, OUT_DIR, fmt, machine_info, median, note, table, write_result
 from fashion_cnn.data.fashion_mnist import load_data
-from fashion_cnn.perf import bf16_supported, configure_runtime
+from fashion_cnn.devices import cpu_has_native_bf16
+from fashion_cnn.perf import configure_runtime
 from fashion_cnn.training.recipes import resolve_config
 from fashion_cnn.training.run import peak_rss_mib, splits_for
 from fashion_cnn.training.loop import Trainer, evaluate
@@ -343,7 +344,7 @@ def main(argv=None) -> int:
         note(f"vs_keras: {keras_note}")
 
     configure_runtime(args.threads)
-    precisions = args.precisions or (["fp32", "bf16"] if bf16_supported() else ["fp32"])
+    precisions = args.precisions or (["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"])
     data = load_data()
     results = []
     with tempfile.TemporaryDirectory(prefix="vs-keras-") as tmp:

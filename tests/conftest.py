@@ -8,16 +8,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fashion_cnn.data import fashion_mnist as fdata
+from fashion_cnn.devices import EMULATED_BF16_ENV
 
 REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def pytest_configure(config):
-    """The whole session decodes into its own cache; the user's cache is never touched."""
+    """The whole session decodes into its own cache; the user's cache is never touched. bf16
+    is allowed on CPUs that only emulate it: the tests check what bf16 computes, not its speed
+    (tests/test_devices.py checks the refusal itself)."""
     os.environ["FASHION_CNN_CACHE"] = tempfile.mkdtemp(prefix="fashion-cnn-test-cache-")
     os.environ.pop("FASHION_MNIST_DIR", None)
+    os.environ[EMULATED_BF16_ENV] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run where torch sees a CUDA GPU, and are skipped elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU here (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 def make_idx_dir(directory: Path, n_train: int = 60, n_test: int = 20, gz: bool = True,

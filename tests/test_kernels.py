@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from fashion_cnn.models import kernels
 from fashion_cnn.models.build import build_model
+from fashion_cnn.models.cpu_pass import accelerate
 from fashion_cnn.models.zoo import get_model_spec
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
@@ -125,7 +126,7 @@ def test_under_bf16_autocast_the_block_returns_bfloat16_rounded_once():
 def test_seed_models_use_the_kernel_and_agree_with_pytorch(name):
     spec = get_model_spec(name)
     h, w, _ = spec.input_shape
-    model = build_model(spec, seed=0)
+    model = accelerate(build_model(spec, seed=0))
     assert model.fusable == [0]
     model.eval()  # no dropout: both passes see the same network
     x = images(6, h, w).contiguous(memory_format=torch.channels_last)
@@ -146,9 +147,9 @@ def test_seed_models_use_the_kernel_and_agree_with_pytorch(name):
 
 def test_blocks_the_kernel_does_not_cover_run_through_pytorch():
     for name in ("dense", "cnn6", "fastnet"):
-        assert build_model(get_model_spec(name), seed=0).fusable == []
+        assert accelerate(build_model(get_model_spec(name), seed=0)).fusable == []
     # an input that needs a gradient (saliency maps) takes PyTorch's path
-    model = build_model(get_model_spec("model1"), seed=0).eval()
+    model = accelerate(build_model(get_model_spec("model1"), seed=0)).eval()
     x = images(2, 28, 28).requires_grad_()
     model(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
@@ -254,9 +255,9 @@ def test_dropout_lets_nan_through_as_pytorch_does():
 
 
 def test_dropout_layer_draws_its_seed_from_the_global_generator():
-    from fashion_cnn.models.modules import Dropout
+    from fashion_cnn.models.cpu_pass import CpuDropout
 
-    layer = Dropout(0.25).train()
+    layer = CpuDropout(0.25).train()
     x = torch.randn(6, 8, 10, 10).contiguous(memory_format=torch.channels_last)
     torch.manual_seed(5)
     first = layer(x)
@@ -268,10 +269,10 @@ def test_dropout_layer_draws_its_seed_from_the_global_generator():
 
 
 def test_switching_kernels_off_reaches_the_dropout_layers():
-    from fashion_cnn.models.modules import Dropout
+    from fashion_cnn.models.cpu_pass import CpuDropout
 
-    model = build_model(get_model_spec("model2"), seed=0)
-    layers = [m for m in model.modules() if isinstance(m, Dropout)]
+    model = accelerate(build_model(get_model_spec("model2"), seed=0))
+    layers = [m for m in model.modules() if isinstance(m, CpuDropout)]
     assert len(layers) == 2 and model.runs_fused_dropout
     model.use_fused_kernels = False
     assert not any(layer.use_kernel for layer in layers) and not model.runs_fused_dropout
@@ -332,9 +333,9 @@ def test_max_pool_takes_only_what_it_computes():
 def test_model_training_step_is_the_same_with_the_pool_kernel(name, precision):
     """The fused pools (with model2's ReLU and Dropout) and the ReLU moved after the Flatten
     change nothing: equal outputs and gradients, the dropout masks included."""
-    from fashion_cnn.training.loop import autocast
+    from fashion_cnn.devices import autocast
 
-    model = build_model(get_model_spec(name), seed=0).train()
+    model = accelerate(build_model(get_model_spec(name), seed=0)).train()
     assert model.pools and model.runs_fused_pool
     if name == "model2":  # its second pool takes the ReLU and the Dropout after it
         relu, dropout = model.pools[4]
@@ -348,7 +349,7 @@ def test_model_training_step_is_the_same_with_the_pool_kernel(name, precision):
         model.pools, model.relu_after_flatten = (pools, moved) if fused else ({}, set())
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)
-        with autocast(precision):
+        with autocast("cpu", precision):
             out = model(x)
         out.float().square().sum().backward()
         return out.detach(), [p.grad.clone() for p in model.parameters()]
@@ -363,7 +364,7 @@ def test_model2_training_forward_draws_its_masks_as_the_unfused_layers_do():
     """model2 in training: its second pool with the ReLU and Dropout after it, against every
     layer after the first block run apart (kernels on), from one generator state: the fused
     dropout draws its seed where the Dropout layer would."""
-    model = build_model(get_model_spec("model2"), seed=0).train()
+    model = accelerate(build_model(get_model_spec("model2"), seed=0)).train()
     x = images(4, 28, 28).contiguous(memory_format=torch.channels_last)
     torch.manual_seed(3)
     fused = model(x)

@@ -109,8 +109,7 @@ def test_pixels_outside_the_read_extent_change_nothing(name):
     # the claim behind the crop, checked on the layers as built without it: changing every
     # pixel past read_extent leaves the logits bit for bit; one pixel inside changes them
     spec = get_model_spec(name)
-    model = build_model(spec, seed=0).eval()
-    model.input_crop = None
+    model = build_model(spec, seed=0).eval()  # the plain model reads every pixel
     height, width, channels = spec.input_shape
     rows, cols = spec.read_extent
     g = torch.Generator().manual_seed(1)
@@ -128,8 +127,10 @@ def test_pixels_outside_the_read_extent_change_nothing(name):
 
 @pytest.mark.parametrize("name", ["model1", "model3"])
 def test_cropped_input_gives_the_uncropped_values_and_gradients(name):
+    from fashion_cnn.models.cpu_pass import accelerate
+
     spec = get_model_spec(name)
-    model = build_model(spec, seed=0).eval()  # model3's dropout would draw other masks
+    model = accelerate(build_model(spec, seed=0)).eval()  # model3's dropout: other masks
     assert model.input_crop == spec.read_extent
     height, width, channels = spec.input_shape
     x = torch.rand(4, channels, height, width, generator=torch.Generator().manual_seed(2))
@@ -225,7 +226,7 @@ def test_residual_block_shapes():
 
 def test_small_output_conv_gradients_equal_conv2d():
     # the matrix-product weight gradient, checked exactly in float32 ...
-    from fashion_cnn.models.modules import _SmallOutputConv
+    from fashion_cnn.models.cpu_pass import _SmallOutputConv
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 64, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
@@ -242,8 +243,8 @@ def test_small_output_conv_gradients_equal_conv2d():
 
 def test_small_output_conv_is_used_in_bf16_training_only(monkeypatch):
     # ... and in a seed model under bf16 autocast, against oneDNN's bf16 backward
-    import fashion_cnn.models.modules as build
-    model = build_model(get_model_spec("model1"), seed=0)
+    import fashion_cnn.models.cpu_pass as build
+    model = build.accelerate(build_model(get_model_spec("model1"), seed=0))
     conv3 = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][2]
     x = torch.rand(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
 
@@ -267,10 +268,10 @@ def test_small_output_conv_is_used_in_bf16_training_only(monkeypatch):
 
 
 def test_small_dense_calls_stay_float32_under_bf16_autocast(monkeypatch):
-    import fashion_cnn.models.modules as build
-    model = build_model(get_model_spec("model2"), seed=0)
+    import fashion_cnn.models.cpu_pass as build
+    model = build.accelerate(build_model(get_model_spec("model2"), seed=0))
     dense = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert [type(m) for m in dense] == [build.KerasDense] * 2
+    assert [type(m) for m in dense] == [build.CpuDense] * 2
     first = dense[0]  # 432 -> 48
     x = torch.randn(32, 432)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -160,21 +160,27 @@ def test_user_errors_are_one_line(args, fragment):
     assert result.stderr.strip().count("\n") == 0 and fragment in result.stderr
 
 
-def test_dropout_keeps_one_minus_rate_and_rescales():
+@pytest.mark.parametrize("cpu_pass", [False, True])
+def test_dropout_keeps_one_minus_rate_and_rescales(cpu_pass):
+    from fashion_cnn.models.cpu_pass import CpuDropout
     from fashion_cnn.models.modules import Dropout
 
-    dropout = Dropout(0.3).train()
-    y = dropout(torch.ones(200_000))
-    kept = (y != 0).float().mean().item()
-    assert abs(kept - 0.7) < 0.005
-    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
-    x = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
-    assert dropout(x).is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(dropout.eval()(x), x)
+    dropout = (CpuDropout if cpu_pass else Dropout)(0.3).train()
+    for use_kernel in ((True, False) if cpu_pass else (None,)):
+        if cpu_pass:
+            dropout.use_kernel = use_kernel  # the C kernel's masks, then the 15-bit masks
+        y = dropout(torch.ones(200_000))
+        kept = (y != 0).float().mean().item()
+        assert abs(kept - 0.7) < 0.005
+        assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
+        x = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+        assert dropout(x).is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(dropout.eval()(x), x)
+        dropout.train()
 
 
 def test_dropout_mask_is_uniform_and_follows_the_layout():
-    from fashion_cnn.models.modules import uniform_15bit_like
+    from fashion_cnn.models.cpu_pass import uniform_15bit_like
 
     torch.manual_seed(0)
     x = torch.zeros(64, 8, 20, 20).contiguous(memory_format=torch.channels_last)

@@ -9,6 +9,14 @@ data -> models -> training -> analysis -> apps -> cli. Everything a notebook nee
 >>> fc.evaluate_run(result.run_dir)["test_accuracy"]           # doctest: +SKIP
 """
 
+import importlib.metadata as _metadata
+
+# Before the imports below: apps.environment (and `--version`) read it from here.
+try:
+    __version__ = _metadata.version("fashion-cnn")
+except _metadata.PackageNotFoundError:  # the source tree on sys.path, never installed
+    __version__ = "0+unknown"
+
 from .analysis.figures import figure_compare_curves, figure_confusion, figure_metrics, figure_weights
 from .analysis.image_figures import figure_activations, figure_misclassified, figure_predictions
 from .analysis.metrics import confusion_matrix, per_class_table, softmax
@@ -17,6 +25,7 @@ from .analysis.report import results_markdown, write_report
 from .analysis.runs import resume, train
 from .analysis.study import list_studies, load_study
 from .analysis.study_run import run_study
+from .apps.environment import environment_report, format_environment
 from .apps.export import export_onnx
 from .apps.keras_import import import_keras
 from .apps.predict import predict_files, save_inputs
@@ -28,6 +37,7 @@ from .data.sources import open_dataset
 from .errors import (CheckpointError, DataError, Interrupted, NonFiniteLoss, SpecError,
                      TrainingStopped, UserError)
 from .models.build import build_model
+from .models.cpu_pass import accelerate, is_accelerated, plain
 from .models.keras_format import keras_to_spec, load_keras
 from .models.spec import parse_spec, summary
 from .models.zoo import get_model_spec, list_models
@@ -43,6 +53,7 @@ __all__ = [
     "CLASS_NAMES", "ImageData", "class_counts", "load_data", "open_dataset", "make_splits",
     "write_image_folder",
     "build_model", "parse_spec", "adapt_spec", "summary", "get_model_spec", "list_models",
+    "accelerate", "plain", "is_accelerated",
     # configuration and training
     "RunConfig", "bind_to_data", "list_recipes", "load_config", "resolve_config", "Trainer", "evaluate", "train",
     "resume", "RunResult", "RunDir", "evaluate_run", "load_model",
@@ -54,9 +65,8 @@ __all__ = [
     "results_markdown",
     # apps
     "predict_files", "save_inputs", "export_onnx", "tune", "import_keras", "load_keras",
-    "keras_to_spec",
+    "keras_to_spec", "environment_report", "format_environment",
     # errors
     "UserError", "DataError", "SpecError", "CheckpointError", "TrainingStopped", "Interrupted",
     "NonFiniteLoss",
 ]
-__version__ = "0.1.0"

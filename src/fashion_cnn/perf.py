@@ -81,10 +81,3 @@ def cpu_autocast_is_bf16() -> bool:
     """True inside torch.autocast("cpu", dtype=torch.bfloat16) (our --precision bf16)."""
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
-
-def bf16_supported() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False

@@ -226,7 +226,7 @@ def fitted_range(kernels) -> tuple[float, float]:
 def _draw_histogram(ax, kernel: torch.Tensor, title: str, color: str = "tab:blue",
                     value_range: tuple[float, float] | None = None) -> None:
     """HIST_BINS bins on `value_range` (default: fitted to this kernel's values), density."""
-    values = kernel.detach().float().flatten().numpy()
+    values = kernel.detach().float().flatten().cpu().numpy()
     low, high = value_range or fitted_range([kernel])
     # stepfilled: one polygon instead of 40 bar patches (same bins, several times faster)
     ax.hist(values, bins=HIST_BINS, range=(low, high), density=True, color=color, alpha=0.85,

@@ -6,6 +6,7 @@ writes files; the figures themselves come from figures.py and image_figures.py.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ from ..data.fashion_mnist import to_tensor
 from ..errors import UserError
 from ..training.checkpoint import read_checkpoint_meta
 from ..training.config import RunConfig, bind_to_data
-from ..training.loop import evaluate
+from ..training.loop import evaluate, module_device
 from ..training.recipes import resolve_config
 from ..training.run import data_for, load_model, open_run, run_name
 from ..training.rundir import RunDir
@@ -133,6 +134,10 @@ def write_run_plots(run_dir: str | os.PathLike, *, model, config: RunConfig, spl
     return the per-class table as text. eval_result: training.evaluate() on the test set."""
     out_dir = Path(out_dir) if out_dir else RunDir(run_dir).plots
     name = run_name(config)
+    # the figures draw on the CPU: a GPU run's model and splits are copied there (small)
+    if module_device(model).type != "cpu":
+        model = copy.deepcopy(model).cpu()
+    splits = splits.to("cpu")
     y = splits.y_test
     probabilities = softmax(eval_result["logits"])
     names = config.class_names
@@ -160,11 +165,11 @@ def write_run_plots(run_dir: str | os.PathLike, *, model, config: RunConfig, spl
 
 def plots_from_run(run_dir: str | os.PathLike, checkpoint: str | None = None,
                    out_dir: str | os.PathLike | None = None, data=None, *,
-                   model=None) -> tuple[Path, str]:
+                   model=None, device=None) -> tuple[Path, str]:
     """Regenerate every figure of a run from its saved weights (or a checkpoint's) and
     history. Writes into RUN_DIR/plots/ (a checkpoint's into RUN_DIR/plots/<checkpoint>/)
     unless `out_dir` is given; returns (folder, per-class text). `model`: a new instance of a
-    plain PyTorch module's run's module (training.run.load_model)."""
+    plain PyTorch module's run's module; `device`: where to compute (training.run.load_model)."""
     run = RunDir(run_dir)
     config = run.read_config()
     if checkpoint:
@@ -175,7 +180,7 @@ def plots_from_run(run_dir: str | os.PathLike, checkpoint: str | None = None,
         history = run.read_history()
         default_out = run.plots
     config, model, splits = open_run(run.path, checkpoint and str(checkpoint), data,
-                                     model=model)
+                                     model=model, device=device)
     result = evaluate(model, splits.x_test, splits.y_test, config.train.eval_batch_size,
                       config.train.precision)
     out = Path(out_dir) if out_dir else default_out

@@ -88,8 +88,8 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     require_module("onnxscript", "export", INSTALL_HINT)
     if check:
         require_module("onnxruntime", "export", INSTALL_HINT)
-    config, model = load_model(run_dir, checkpoint)
-    model.use_fused_kernels = False  # the C kernels are opaque to the exporter
+    # the plain model on the CPU: the C kernels are opaque to the exporter
+    config, model = load_model(run_dir, checkpoint, device="cpu", cpu_kernels=False)
     mean, std = config.stats
     wrapper = PixelsToProbabilities(model, config.pad, config.data.pad_value, mean, std).eval()
     path = Path(out) if out is not None else Path(run_dir) / "model.onnx"

@@ -178,8 +178,10 @@ def predict_arrays(model: torch.nn.Module, config, images: np.ndarray,
 
 
 def predict_files(run_dir: str | os.PathLike, paths, *, checkpoint: str | None = None,
-                  invert: str = "auto", tta: str | None = None) -> list[Prediction]:
-    """Predict each image file with a trained run's model (its final weights, or a checkpoint).
+                  invert: str = "auto", tta: str | None = None,
+                  device: str | None = None) -> list[Prediction]:
+    """Predict each image file with a trained run's model (its final weights, or a checkpoint),
+    on `device` (default: the run's own, or the CPU where that is not here).
 
     A file that cannot be used gets a Prediction with `error` set; the others are predicted
     all the same, in one batch.
@@ -187,7 +189,7 @@ def predict_files(run_dir: str | os.PathLike, paths, *, checkpoint: str | None =
     from ..training.run import open_run
 
     _check_invert(invert)  # before the model loads, and whether or not any image does
-    config, model, _ = open_run(run_dir, checkpoint, with_splits=False)
+    config, model, _ = open_run(run_dir, checkpoint, with_splits=False, device=device)
     results = []
     for path in paths:
         try:

@@ -18,7 +18,8 @@ FLAGS = {"out": "--out", "n": "-n", "train.epochs": "--epochs", "train.lr": "--l
          "data.dataset": "--dataset", "data.strict": "--strict",
          "checkpoint.save_best_only": "--save-best-only",
          "checkpoint.early_stopping": "--early-stopping",
-         "checkpoint.restore_best": "--restore-best", "trials": "--trials"}
+         "checkpoint.restore_best": "--restore-best", "trials": "--trials",
+         "train.device": "--device", "device": "--device", "train.precision": "--precision"}
 EXIT_USER_ERROR = 2       # a bad option, file or config
 EXIT_NON_FINITE_LOSS = 3  # training diverged
 EXIT_STOPPED = 1          # any other stop of training before its end

@@ -36,7 +36,8 @@ def _train_overrides(args) -> dict:
         "monitor": "checkpoint.monitor", "keep_last": "checkpoint.keep_last",
         "early_stopping": "checkpoint.early_stopping", "min_delta": "checkpoint.min_delta",
         "restore_best": "checkpoint.restore_best", "compile": "train.compile",
-        "dataset": "data.dataset", "strict": "data.strict",
+        "dataset": "data.dataset", "strict": "data.strict", "device": "train.device",
+        "cpu_kernels": "train.cpu_kernels", "deterministic": "train.deterministic",
     }
     overrides = {dotted: getattr(args, flag) for flag, dotted in flag_map.items()
                  if getattr(args, flag, None) is not None}
@@ -175,7 +176,7 @@ def cmd_resume(args) -> int:
     from ..analysis import runs
 
     result = runs.resume(args.run_dir, epochs=args.epochs, progress=not args.quiet,
-                        plots=not args.no_plots)
+                        plots=not args.no_plots, device=args.device)
     _print_result(result)
     return 0
 
@@ -183,7 +184,8 @@ def cmd_resume(args) -> int:
 def cmd_evaluate(args) -> int:
     from ..training.run import evaluate_run
 
-    result = evaluate_run(args.run_dir, checkpoint=args.checkpoint, tta=args.tta)
+    result = evaluate_run(args.run_dir, checkpoint=args.checkpoint, tta=args.tta,
+                          device=args.device)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -206,7 +208,7 @@ def cmd_predict(args) -> int:
     if args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}")
     results = predict_files(args.run_dir, args.images, checkpoint=args.checkpoint,
-                            invert=args.invert, tta=args.tta)
+                            invert=args.invert, tta=args.tta, device=args.device)
     if args.save_inputs:
         written = save_inputs(results, args.save_inputs)
         print(f"Wrote {len(written)} model inputs (28x28 PNG) to {args.save_inputs}",
@@ -283,6 +285,8 @@ def cmd_tune(args) -> int:
     overrides = {}
     if args.threads is not None:
         overrides["train.threads"] = args.threads
+    if args.device is not None:
+        overrides["train.device"] = args.device
     if args.subset is not None:
         overrides["data.subset"] = args.subset
     if args.dataset is not None:
@@ -317,7 +321,8 @@ def cmd_augment_preview(args) -> int:
 def cmd_plots(args) -> int:
     from ..analysis.plots import plots_from_run
 
-    out, table = plots_from_run(args.run_dir, checkpoint=args.checkpoint, out_dir=args.out)
+    out, table = plots_from_run(args.run_dir, checkpoint=args.checkpoint, out_dir=args.out,
+                                device=args.device)
     print(table)
     print(f"Wrote the figures and tables into {out}")
     return 0
@@ -350,3 +355,9 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_env(args) -> int:
+    from ..apps.environment import environment_report, format_environment
+
+    report = environment_report()
+    print(json.dumps(report, indent=2) if args.json else format_environment(report))
+    return 0

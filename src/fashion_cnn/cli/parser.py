@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..apps.environment import version_line
 from ..training.config import CHOICES
 from . import commands
 
@@ -18,6 +19,11 @@ def _add_dataset_options(p) -> None:
                         "(default: skip it with a warning naming it)")
 
 
+def _add_device_option(p, what: str) -> None:
+    p.add_argument("--device", metavar="DEVICE",
+                   help=f"{what}: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training (override the recipe)")
     g.add_argument("--epochs", type=int, help="passes over the training split")
@@ -28,7 +34,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float,
                    help="decoupled weight decay (AdamW-style; not a Keras kernel regularizer)")
     g.add_argument("--label-smoothing", type=float)
-    g.add_argument("--precision", choices=CHOICES[("train", "precision")], help="bf16 uses autocast on the CPU")
+    g.add_argument("--precision", choices=CHOICES[("train", "precision")],
+                   help="autocast precision: bf16 needs native support (a CPU with AVX512-BF16 "
+                        "or AMX, or a recent GPU), fp16 a GPU")
+    _add_device_option(g, "where to train")
+    g.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=None,
+                   help="on the CPU, the C kernels and CPU speed paths (default on)")
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="on CUDA, deterministic algorithms (slower)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (compile time is reported apart)")
     g.add_argument("--threads", type=int, help="CPU threads (default: one per core)")
@@ -57,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fashion-cnn",
         description="Train, study and use small CNN image classifiers: Fashion-MNIST or your "
                     "own images (Keras vocabulary, PyTorch).")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("data", help="find, verify and cache a dataset; print class counts")
@@ -88,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue a run from its newest intact checkpoint")
     p.add_argument("run_dir")
     p.add_argument("--epochs", type=int, help="extend the run to this many epochs")
+    _add_device_option(p, "where to continue (default: the run's own)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=commands.cmd_resume)
@@ -96,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--checkpoint", help="a checkpoint name or epoch number instead of the final weights")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_device_option(p, "where to compute (default: the run's own, or the CPU)")
     p.add_argument("--tta", choices=CHOICES[("train", "tta")], default=None,
                    help="test-time augmentation: average the logits of the image and its four "
                         "one-pixel shifts (shift) or its mirror image (flip; for models trained "
@@ -110,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "images were; for another dataset, brought to its size as its images were")
     p.add_argument("--checkpoint", help="a checkpoint name or epoch number instead of the final weights")
     p.add_argument("--top", type=int, default=3, help="classes to show per image (default 3)")
+    _add_device_option(p, "where to compute (default: the run's own, or the CPU)")
     from ..apps.predict import INVERT_CHOICES
 
     p.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
@@ -165,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "each process draws its own)")
     p.add_argument("--no-prune", action="store_true", help="train every trial to the end")
     p.add_argument("--threads", type=int, help="CPU threads per trial")
+    _add_device_option(p, "where to train the trials")
     p.add_argument("--subset", type=int, help="use the first N training images")
     _add_dataset_options(p)
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
@@ -184,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a checkpoint name or epoch number (figures go to "
                                         "RUN_DIR/plots/<checkpoint>/)")
     p.add_argument("--out", help="write into this folder instead")
+    _add_device_option(p, "where to compute (default: the run's own, or the CPU)")
     p.set_defaults(func=commands.cmd_plots)
 
     p = sub.add_parser("compare", help="overlaid learning curves and weight histograms of runs")
@@ -210,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rewrite a study's report.html and report.md from its runs")
     p.add_argument("study_dir")
     p.set_defaults(func=commands.cmd_report)
+
+    p = sub.add_parser("env", help="print versions, devices, precisions, C kernels and data "
+                                   "directory (for a bug report)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=commands.cmd_env)
 
     return parser
 

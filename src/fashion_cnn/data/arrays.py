@@ -11,7 +11,7 @@ hold them; tensors are (N, C, H, W).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +178,13 @@ class Splits:
     y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "Splits":
+        """The splits on `device` (these same splits where they are there already)."""
+        tensors = [getattr(self, f.name) for f in fields(self)]
+        if all(t.device == torch.device(device) for t in tensors):
+            return self
+        return Splits(*(t.to(device) for t in tensors))
 
     def train_batch(self, index) -> torch.Tensor:
         """Training images `index` (a slice or an index tensor) as float32, channels_last."""

@@ -93,7 +93,7 @@ def warp(x: torch.Tensor, theta: torch.Tensor, fill_mode: str = "nearest",
     image. 0 takes the nearest pixel: a shift moves whole pixels and the image stays sharp,
     as the test images are.
     """
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     source = x - cval if fill_mode == "constant" else x  # zeros padding then fills with cval
     mode = "bilinear" if interpolation_order == 1 else "nearest"
     out = F.grid_sample(source, grid, mode=mode, padding_mode=_PADDING_MODE[fill_mode],
@@ -122,17 +122,19 @@ def random_erasing(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) ->
     mask = ((rows >= top.view(b, 1, 1)) & (rows < (top + eh).view(b, 1, 1))
             & (cols >= left.view(b, 1, 1)) & (cols < (left + ew).view(b, 1, 1))
             & apply.view(b, 1, 1)).unsqueeze(1)  # (B, 1, H, W)
-    return torch.where(mask, noise, x)
+    # drawn from the CPU generator (a checkpoint holds its state), applied where x lives
+    return torch.where(mask.to(x.device), noise.to(x.device), x)
 
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """Augment a batch (B, C, H, W); returns a new tensor in channels_last memory format."""
+    """Augment a batch (B, C, H, W) on any device; returns a new tensor in channels_last memory
+    format. The random draws come from `gen`, a CPU generator, whatever the batch's device."""
     if has_geometry(cfg):
         theta = affine_params(x.shape[0], cfg, gen)
         if resamples(cfg):
             x = warp(x, theta, cfg.fill_mode, cfg.cval, cfg.interpolation_order)
         else:  # flips only: an exact mirror image, from the same random draws
-            mirrored = (theta[:, 0, 0] < 0).view(-1, 1, 1, 1)
+            mirrored = (theta[:, 0, 0] < 0).view(-1, 1, 1, 1).to(x.device)
             x = torch.where(mirrored, x.flip(-1), x)
     if cfg.random_erasing > 0:
         x = random_erasing(x, cfg, gen)

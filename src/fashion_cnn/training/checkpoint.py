@@ -32,8 +32,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .. import fileio
+from .. import devices, fileio
 from ..errors import CheckpointError, UserError
+from . import distributed
 from .rundir import STATE_FILE, STATE_TENSORS_FILE, WEIGHTS_FILE, RunDir
 
 FORMAT = 1
@@ -44,7 +45,8 @@ _OLD_SUFFIX, _TMP_SUFFIX, _DELETED_SUFFIX = ".old", ".tmp", ".deleted"
 
 
 def _contiguous(tensors: dict) -> dict:
-    return {k: v.detach().contiguous() for k, v in tensors.items()}
+    """On the CPU and contiguous: a checkpoint does not depend on the device it came from."""
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -58,7 +60,7 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             raise UserError(f"model: its state_dict entry {name!r} is a "
                             f"{type(value).__name__}, not a tensor; checkpoints hold tensors "
                             f"only", setting="model")
-        tensor = value.detach().contiguous()
+        tensor = value.detach().cpu().contiguous()  # saved device-independent
         storage = tensor.untyped_storage().data_ptr()
         if storage in seen or not tensor.numel():
             tensor = tensor.clone()
@@ -150,21 +152,30 @@ def save_checkpoint(trainer, directory: str | os.PathLike, kind: str = "epoch") 
         "rng.global": torch.get_rng_state(),
         "rng.shuffle": trainer.shuffle_gen.get_state(),
         "rng.augment": trainer.augment_gen.get_state(),
-        "sums": s.sums,
+        "sums": s.sums.double(),
     }
+    device_type = trainer.device.type
+    device_state = devices.get_rng_state(trainer.device)
+    if device_state is not None:  # a GPU's generator (dropout there), by device type
+        state_tensors[f"rng.{device_type}"] = device_state
     processes = trainer.world
     if processes > 1:  # the other processes' generators (distributed.py)
         for rank, states in enumerate(trainer.process_rng_states[1:], start=1):
             state_tensors[f"rng.global.{rank}"] = states["global"]
             state_tensors[f"rng.augment.{rank}"] = states["augment"]
+            if device_type in states:
+                state_tensors[f"rng.{device_type}.{rank}"] = states[device_type]
     if s.perm is not None:
         state_tensors["perm"] = s.perm
     meta = {
         "format": FORMAT, "kind": kind, "epoch": s.epoch, "step": s.step,
         "batch_in_epoch": s.batch_in_epoch, "cursor": s.cursor, "epoch_seconds": s.epoch_seconds,
         "history": s.history, "config_fingerprint": trainer.config.fingerprint(),
-        "optimizer": opt_meta, "processes": processes,
+        "optimizer": opt_meta, "processes": processes, "device_type": device_type,
     }
+    if trainer.grad_scaler is not None:  # fp16: the loss scale and its growth counter
+        meta["grad_scaler"] = {k: v for k, v in trainer.grad_scaler.state_dict().items()
+                               if isinstance(v, (int, float))}
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=_TMP_SUFFIX,
@@ -333,6 +344,11 @@ def load_checkpoint(trainer, directory: str | os.PathLike) -> dict:
         torch.set_rng_state(tensors["rng.global" + suffix])
         trainer.shuffle_gen.set_state(tensors["rng.shuffle"])
         trainer.augment_gen.set_state(tensors["rng.augment" + suffix])
+        device_state = tensors.get(f"rng.{trainer.device.type}{suffix}")
+        if device_state is not None:
+            devices.set_rng_state(trainer.device, device_state)
+        if trainer.grad_scaler is not None and meta.get("grad_scaler"):
+            trainer.grad_scaler.load_state_dict(meta["grad_scaler"])
     except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, IndexError) as exc:
         raise CheckpointError(f"{state_path}: training state does not fit this run "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
@@ -343,7 +359,14 @@ def load_checkpoint(trainer, directory: str | os.PathLike) -> dict:
     s.epoch_seconds = float(meta["epoch_seconds"])
     s.perm = perm
     # several processes: process 0 holds the sums of the unfinished epoch for all of them
-    s.sums = sums.clone() if rank == 0 else torch.zeros_like(sums)
+    s.sums = (sums.to(trainer.device, trainer.zero_sums().dtype) if rank == 0
+              else trainer.zero_sums())
+    written_on = meta.get("device_type", "cpu")
+    if written_on != trainer.device.type and distributed.is_main():
+        print(f"warning: {directory} was written training on {written_on}, this run trains "
+              f"on {trainer.device.type}: it continues from the same weights and state, but "
+              f"dropout's random draws, and the arithmetic, differ from an uninterrupted run",
+              file=sys.stderr)
     s.history = list(meta["history"])
     return meta
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..data.augment import AugmentConfig
+from .. import devices
 from ..errors import SpecError
 from ..fileio import toml_value
 from ..models.spec import ModelSpec, parse_spec
@@ -59,7 +60,10 @@ class TrainConfig:
     final_lr_fraction: float = 0.0  # lr at the last step, as a fraction of lr (onecycle/cosine)
     label_smoothing: float = 0.0    # cross-entropy label smoothing
     seed: int = 0                   # seeds init, shuffling, dropout and augmentation
-    precision: str = "fp32"         # fp32 | bf16 (autocast; loss and BatchNorm stay fp32)
+    precision: str = "fp32"         # fp32 | bf16 | fp16 (autocast; loss, optimizer and BatchNorm stay fp32)
+    device: str = "auto"            # auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps
+    cpu_kernels: bool = True        # on the CPU, the C kernels and CPU speed paths (models.cpu_pass)
+    deterministic: bool = False     # on CUDA, deterministic algorithms (cuDNN benchmark off)
     threads: int = 0                # CPU threads (0 = PyTorch's default: one per core)
     compile: bool = False           # torch.compile the model (compile time reported apart)
     eval_batch_size: int = 256      # images per evaluation batch (small batches stay in cache)
@@ -86,7 +90,7 @@ CHOICES = {("augment", "fill_mode"): ("nearest", "constant", "reflect"),
            ("data", "normalize"): ("fixed", "mean_std"),
            ("train", "optimizer"): ("adam", "adamw", "sgd"),
            ("train", "schedule"): ("constant", "onecycle", "cosine"),
-           ("train", "precision"): ("fp32", "bf16"),
+           ("train", "precision"): ("fp32", "bf16", "fp16"),
            ("train", "tta"): ("none", "shift", "flip"),
            ("checkpoint", "monitor"): ("val_loss", "val_accuracy", "loss", "accuracy")}
 
@@ -160,7 +164,8 @@ class RunConfig:
         return out
 
     def fingerprint(self, ignore=(("train", "epochs"), ("train", "threads"),
-                                  ("train", "tta"))) -> str:
+                                  ("train", "tta"), ("train", "device"),
+                                  ("train", "cpu_kernels"), ("train", "deterministic"))) -> str:
         """Hash of everything that determines the run's weights (epochs may be extended)."""
         data = self.to_data()
         data.pop("description", None)
@@ -221,6 +226,8 @@ def _range_checks(cfg: RunConfig) -> None:
         (0 <= t.warmup < 1, "[train] warmup must be in [0, 1)"),
         (t.weight_decay >= 0, "[train] weight_decay must be >= 0"),
         (t.threads >= 0, "[train] threads must be >= 0"),
+        (devices.is_device_name(t.device),
+         f"[train] device {t.device!r} is not a device: {', '.join(devices.DEVICE_CHOICES)}"),
         (t.eval_batch_size >= 1, "[train] eval_batch_size must be at least 1"),
         (0 <= d.validation_split < 1, "[data] validation_split must be in [0, 1)"),
         (d.subset == 0 or d.subset >= 2, "[data] subset must be 0 (all) or at least 2"),

@@ -11,7 +11,9 @@ and prints; the others only train. Augmentation and dropout draw from per-proces
 so the masks differ from a single process's, and a checkpoint holds every process's generator
 state: `torchrun ... -m fashion_cnn resume RUN` with the same number of processes continues
 exactly. BatchNorm statistics are those of each process's share (and the running averages
-process 0's), as with DistributedDataParallel's defaults. CPU processes talk over gloo.
+process 0's), as with DistributedDataParallel's defaults. CPU processes talk over gloo; on
+CUDA each process takes the GPU of its LOCAL_RANK and the processes talk over NCCL, as torchrun
+users expect.
 """
 
 from __future__ import annotations
@@ -38,12 +40,33 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup_from_env() -> int:
+def local_rank() -> int:
+    """This process's index among the processes on its machine (torchrun's LOCAL_RANK)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def setup_from_env(device: torch.device | None = None) -> int:
     """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1);
-    the number of processes. Each process then uses its share of this machine's cores."""
+    the number of processes. On CUDA (`device`) each process uses the GPU of its LOCAL_RANK
+    and NCCL; on the CPU gloo, and each process uses its share of this machine's cores."""
     if launched_processes() > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(local_rank())
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
     return world()[1]
+
+
+def process_device(device: torch.device) -> torch.device:
+    """This process's device: under torchrun on CUDA, the GPU of its LOCAL_RANK."""
+    if device.type == "cuda" and launched_processes() > 1:
+        return torch.device("cuda", local_rank())
+    return device
+
+
+def _uses_nccl() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
 
 
 def default_threads() -> int:
@@ -57,8 +80,13 @@ def default_threads() -> int:
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In place over all processes (sum, max or min); a no-op in a single process."""
     if world()[1] > 1:
-        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
-                                    "min": dist.ReduceOp.MIN}[op])
+        op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+        if _uses_nccl() and tensor.device.type != "cuda":  # NCCL reduces GPU tensors only
+            on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=op)
+            tensor.copy_(on_gpu)
+        else:
+            dist.all_reduce(tensor, op=op)
     return tensor
 
 

@@ -10,7 +10,6 @@ are read once per epoch, so the loop never waits on a per-batch `.item()`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -20,10 +19,11 @@ import torch
 from torch.nn import functional as F
 
 from . import distributed
-from .. import fileio
+from .. import devices, fileio
 from ..models import kernels
 from ..data.augment import augment_batch
 from ..models.build import KerasSequential, build_model
+from ..models.cpu_pass import accelerate, is_accelerated
 from .config import RunConfig
 from ..data.fashion_mnist import Splits
 from ..errors import Interrupted, NonFiniteLoss, UserError
@@ -35,10 +35,33 @@ NAN_CHECK_EVERY = 32
 PROCESS_SEED_STRIDE = 7919
 
 
-def autocast(precision: str):
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def module_device(model: torch.nn.Module) -> torch.device:
+    """Where a module's parameters live (the CPU for one without parameters)."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device,
+                  cpu_kernels: bool = True) -> torch.nn.Module:
+    """`model` moved to `device`; on the CPU with `cpu_kernels`, given the CPU pass
+    (models.cpu_pass.accelerate: the same function, computed faster). In place, as .to()."""
+    model.to(device)
+    if device.type == "cpu" and cpu_kernels:
+        accelerate(model)
+    return model
+
+
+def configure_device(device: torch.device, deterministic: bool) -> None:
+    """CUDA: cuDNN picks its fastest algorithms per shape (benchmark) unless the run asks for
+    deterministic ones, which also needs cuBLAS's fixed workspace."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
 
 
 @dataclass
@@ -61,8 +84,13 @@ class Trainer:
 
     `model` is built from `config.model` when not given; it may be any torch.nn.Module that
     maps float32 images (N, C, H, W) to logits (N, n_classes) (see check_module). Keras
-    regularizer penalties (has_regularizers, regularization_penalty) and the fused C kernels
-    (use_fused_kernels) apply to modules that have them: spec models.
+    regularizer penalties (has_regularizers, regularization_penalty) and the CPU pass
+    (models.cpu_pass, with train.cpu_kernels) apply to spec models.
+
+    `config.train.device` says where it trains ("auto", "cpu", "cuda:1"...): the model and the
+    splits move there once, batches are index slices there, and the random generators of the
+    shuffle and augmentation stay on the CPU (their draws are small), so a seed means the same
+    on every device. Dropout draws from the device's own global generator.
 
     Callbacks are plain objects with any of: on_train_begin(trainer), on_epoch_begin(trainer,
     epoch), on_batch_end(trainer, batch, steps), on_epoch_end(trainer, epoch, logs),
@@ -81,6 +109,8 @@ class Trainer:
         self.rank, self.world = distributed.world()
         if t.threads or self.world > 1:
             torch.set_num_threads(t.threads or distributed.default_threads())
+        self.device = distributed.process_device(devices.resolve_device(t.device))
+        configure_device(self.device, t.deterministic)
         if model is None:
             if config.model is None:
                 raise UserError(module_needed(config.module, "Trainer's model="),
@@ -88,8 +118,12 @@ class Trainer:
             model = build_model(config.model, seed=t.seed)
         elif not isinstance(model, KerasSequential):
             check_module(model, splits, t.seed)
-        self.model = model
+        self.model = prepare_model(model, self.device, t.cpu_kernels)
+        self.splits = splits = splits.to(self.device)
         self.optimizer = make_optimizer(self.model, t)
+        # fp16 gradients underflow without loss scaling (bf16 has float32's exponent range)
+        self.grad_scaler = (torch.amp.GradScaler(self.device.type)
+                            if devices.needs_grad_scaler(self.device, t.precision) else None)
         # the shuffle is common to all processes; augmentation and dropout are drawn per process
         # (process 0 draws as a single process does)
         other = PROCESS_SEED_STRIDE * self.rank
@@ -97,7 +131,7 @@ class Trainer:
         self.augment_gen = torch.Generator().manual_seed(t.seed * 1000 + 2 + other)
         torch.manual_seed(t.seed * 1000 + 3 + other)  # the global generator drives dropout
         self.process_rng_states: list[dict] | None = None  # every process's, for checkpoints
-        self.state = TrainState()
+        self.state = TrainState(sums=self.zero_sums())
         self.stop_training = False     # set by callbacks (early stopping), as in Keras
         self.stop_request: str | None = None  # set by signal handlers: stop at next batch
         self.stop_reason: str | None = None   # set by callbacks that stop training, for the log
@@ -105,7 +139,7 @@ class Trainer:
         self.last_checkpoint = None           # newest checkpoint written or resumed from
         # test hook (fileio.fault_hook): pause at a batch boundary so a test can kill the process
         self._pause_hook = os.environ.get("FASHION_CNN_PAUSE_AT") == "batch"
-        if getattr(self.model, "use_fused_kernels", False):
+        if is_accelerated(self.model) and self.model.use_fused_kernels:
             kernels.available()  # compile the C kernels now, not inside the first epoch
         self.forward = torch.compile(self.model) if t.compile else self.model
         if self.world > 1:
@@ -115,7 +149,8 @@ class Trainer:
             if t.batch_size < self.world:
                 raise UserError(f"batch size {t.batch_size} is smaller than the {self.world} "
                                 f"processes sharing each batch")
-            self.forward = torch.nn.parallel.DistributedDataParallel(self.model)
+            self.forward = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.compile_seconds = 0.0
         n = len(splits.x_train)
         self.full_steps = math.ceil(n / t.batch_size)
@@ -132,6 +167,15 @@ class Trainer:
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.config.train.epochs
+
+    def zero_sums(self) -> torch.Tensor:
+        """The epoch's running sums (see TrainState), on the training device so that adding
+        a batch's figures never waits for it; float32 on MPS, which has no float64."""
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        return torch.zeros(4, dtype=dtype, device=self.device)
+
+    def autocast(self):
+        return devices.autocast(self.device, self.config.train.precision)
 
     # ------------------------------------------------------------------ batches
     def _next_indices(self) -> torch.Tensor:
@@ -151,7 +195,8 @@ class Trainer:
         size = len(idx)
         if self.world > 1:
             idx = idx.tensor_split(self.world)[self.rank]
-        x = self.splits.train_batch(idx)  # (B, 1, H, W) float32
+        idx = idx.to(self.device, non_blocking=True)
+        x = self.splits.train_batch(idx)  # (B, C, H, W) float32
         if self.config.augment.enabled:
             x = augment_batch(x, self.config.augment, self.augment_gen)
         return x, self.splits.y_train[idx], size
@@ -160,7 +205,8 @@ class Trainer:
         """Trigger torch.compile's compilation outside the timed epochs, RNG untouched."""
         x = self.splits.train_batch(slice(0, self.config.train.batch_size))
         start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]), autocast(self.config.train.precision):
+        fork = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork), self.autocast():
             self.forward(x).float().sum().backward()
         self.optimizer.zero_grad(set_to_none=True)
         self.compile_seconds = time.perf_counter() - start
@@ -191,7 +237,8 @@ class Trainer:
         s = self.state
         self.model.train()
         started = time.perf_counter() - s.epoch_seconds
-        losses = torch.zeros(self.steps_per_epoch)  # per-batch loss, read only for the NaN guard
+        # per-batch loss, read only for the NaN guard (on the device: no wait per batch)
+        losses = torch.zeros(self.steps_per_epoch, device=self.device)
         checked = s.batch_in_epoch
         regularized = bool(getattr(self.model, "has_regularizers", False))  # spec models only
         while s.batch_in_epoch < self.steps_per_epoch:
@@ -210,12 +257,12 @@ class Trainer:
                 checked = s.batch_in_epoch
             self.call("on_batch_end", s.batch_in_epoch, self.steps_per_epoch)
         sums = distributed.all_reduce(s.sums.clone()) if self.world > 1 else s.sums
-        loss_sum, penalty_sum, correct, seen = sums.tolist()
+        loss_sum, penalty_sum, correct, seen = sums.double().tolist()
         logs = {"epoch": s.epoch + 1, "loss": loss_sum / seen, "accuracy": correct / seen,
                 "penalty": penalty_sum / seen, "lr": self.optimizer.param_groups[0]["lr"]}
         s.epoch += 1
         s.batch_in_epoch = 0
-        s.sums = torch.zeros(4, dtype=torch.float64)
+        s.sums = self.zero_sums()
         s.epoch_seconds = 0.0
         logs["seconds"] = time.perf_counter() - started
         return logs
@@ -226,7 +273,7 @@ class Trainer:
         cfg, s, model = self.config.train, self.state, self.model
         set_lr(self.optimizer, lr_at(s.step, self.total_steps, cfg))
         x, y, batch_size = self._batch()
-        with autocast(cfg.precision):
+        with self.autocast():
             logits = self.forward(x)
         if self.world == 1:
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
@@ -239,21 +286,25 @@ class Trainer:
         penalty = model.regularization_penalty() if regularized else None
         total = loss + penalty if penalty is not None else loss
         self._clear_grads()
-        total.backward()
-        self.optimizer.step()
+        if self.grad_scaler is None:
+            total.backward()
+            self.optimizer.step()
+        else:  # fp16: a scaled loss, a step skipped (and the scale lowered) on inf/NaN grads
+            self.grad_scaler.scale(total).backward()
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
         with torch.no_grad():
-            n = y.numel()
+            n, dtype = y.numel(), s.sums.dtype
             if self.world > 1:  # the share's loss sum, as a single process counts it
                 loss_sum = loss_sum.detach()
                 total_n = (loss_sum + penalty.detach() * n if penalty is not None
-                           else loss_sum).double()
+                           else loss_sum).to(dtype)
             else:
-                total_n = total.detach().double() * n
-            s.sums += torch.stack([total_n,
-                                   (penalty.detach().double() if penalty is not None
-                                    else torch.zeros((), dtype=torch.float64)) * n,
-                                   (logits.argmax(1) == y).sum().double(),
-                                   torch.tensor(float(n), dtype=torch.float64)])
+                total_n = total.detach().to(dtype) * n
+            penalty_n = (penalty.detach().to(dtype) * n if penalty is not None
+                         else torch.zeros((), dtype=dtype, device=self.device))
+            s.sums += torch.stack([total_n, penalty_n, (logits.argmax(1) == y).sum().to(dtype),
+                                   torch.full((), n, dtype=dtype, device=self.device)])
         return total.detach()
 
     def _stop_at_batch(self, losses: torch.Tensor, checked: int, started: float) -> None:
@@ -304,8 +355,14 @@ class Trainer:
             self.stop_request = "SIGTERM"  # another process's signal; exit as if ours
 
     def _rng_state(self) -> dict:
-        """This process's generators that differ between processes (see __init__)."""
-        return {"global": torch.get_rng_state(), "augment": self.augment_gen.get_state()}
+        """This process's generators that differ between processes (see __init__): the CPU's
+        global one, the augmentation's, and the device's global one where it is not the CPU
+        (dropout draws from it)."""
+        states = {"global": torch.get_rng_state(), "augment": self.augment_gen.get_state()}
+        device_state = devices.get_rng_state(self.device)
+        if device_state is not None:
+            states[self.device.type] = device_state
+        return states
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_split(self, split: str, tta: str = "none") -> dict:
@@ -340,7 +397,8 @@ def check_module(model, splits: Splits, seed: int = 0) -> None:
     if len(splits.x_train) < 2:
         return
     # (2, C, H, W) float32, channels_last as evaluation passes it (x.view(N, -1) fails there)
-    x = splits.train_batch(slice(0, 2)).contiguous(memory_format=torch.channels_last)
+    x = splits.train_batch(slice(0, 2)).to(module_device(model)).contiguous(
+        memory_format=torch.channels_last)
     classes = int(splits.y_train.max()) + 1
     was_training = model.training
     model.eval()
@@ -393,14 +451,17 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 25
 
 def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int,
              precision: str, tta: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean logits over the TTA views, logits of the plain images), both (N, n_classes) float32.
-    The first view is the plain batch, so the plain logits come from the same pass."""
+    """(mean logits over the TTA views, logits of the plain images), both (N, n_classes) float32
+    on the CPU. The first view is the plain batch, so the plain logits come from the same pass.
+    Batches of `x` (on any device) are computed where the model lives."""
     was_training = model.training
     model.eval()
+    device = module_device(model)
     means, plains = [], []
-    with torch.inference_mode(), autocast(precision):
+    with torch.inference_mode(), devices.autocast(device, precision):
         for start in range(0, len(x), batch_size):
-            batch = x[start:start + batch_size].contiguous(memory_format=torch.channels_last)
+            batch = x[start:start + batch_size].to(device).contiguous(
+                memory_format=torch.channels_last)
             views = tta_views(batch, tta)
             plain = model(views[0]).float()
             logits = plain
@@ -411,7 +472,7 @@ def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int,
     model.train(was_training)
     if not means:
         return torch.zeros(0), torch.zeros(0)
-    return torch.cat(means), torch.cat(plains)
+    return torch.cat(means).cpu(), torch.cat(plains).cpu()
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
@@ -419,6 +480,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     """Mean cross-entropy (without regularization penalty), accuracy and predictions; with
     `tta`, also the accuracy of the plain images alone (`accuracy_without_tta`)."""
     logits, plain = _predict(model, x, batch_size, precision, tta)
+    y = y.cpu()
     loss = F.cross_entropy(logits, y, reduction="sum").item() / max(1, len(y))
     predictions = logits.argmax(1)
     correct = int((predictions == y).sum())

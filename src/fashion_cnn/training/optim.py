@@ -45,7 +45,12 @@ class _GroupPlan:
         self.key = _plan_key(params, kernel_switch)
         self.ms = [state[p]["m"] for p in params]
         self.vs = [state[p]["v"] for p in params]
-        self.steps = [state[p]["step"] for p in params]
+        self.steps = [state[p]["step"] for p in params]  # float64 on the CPU (see KerasAdam)
+        # torch's fused kernel reads the step count where the parameters are: float32 copies
+        # on a GPU, kept in step with self.steps (whole numbers: exact up to 2**24 steps)
+        device = params[0].device
+        self.device_steps = (self.steps if device.type == "cpu" else
+                             [step.to(device, torch.float32) for step in self.steps])
         self.tensors = kernels.AdamTensors(params, self.ms, self.vs) if runs_kernel else None
 
 
@@ -67,8 +72,9 @@ class KerasAdam(torch.optim.Optimizer):
             kernels.adam_eligible(p) for p in params)
 
     def load_state_dict(self, state_dict) -> None:
-        """As torch's, then m and v in their weight's layout: a checkpoint stores them
-        contiguous, and the fused step needs a channels_last kernel's moments channels_last."""
+        """As torch's (m and v move to their weight's device), then m and v in their weight's
+        layout: a checkpoint stores them contiguous, and the fused step needs a channels_last
+        kernel's moments channels_last. The step count stays a float64 on the CPU."""
         super().load_state_dict(state_dict)
         self._plans.clear()
         for group in self.param_groups:
@@ -77,6 +83,7 @@ class KerasAdam(torch.optim.Optimizer):
                 if state:
                     state["m"] = _laid_out_like(p, state["m"])
                     state["v"] = _laid_out_like(p, state["v"])
+                    state["step"] = state["step"].to("cpu", torch.float64)
 
     def _plan(self, index: int, group: dict) -> _GroupPlan | None:
         params = [p for p in group["params"] if p.grad is not None]
@@ -116,10 +123,14 @@ class KerasAdam(torch.optim.Optimizer):
                 continue
             params, ms, vs, steps = plan.params, plan.ms, plan.vs, plan.steps
             grads = [_laid_out_like(p, p.grad) for p in params]
-            # one iteration count for the group, as Keras' optimizer.iterations
+            # one iteration count for the group, as Keras' optimizer.iterations (on the CPU:
+            # reading it never waits for a GPU)
             t = float(steps[0]) + 1.0
             torch._foreach_zero_(steps)
             torch._foreach_add_(steps, t)
+            if plan.device_steps is not steps:
+                torch._foreach_zero_(plan.device_steps)
+                torch._foreach_add_(plan.device_steps, t)
             b1, b2, lr, eps = group["beta_1"], group["beta_2"], group["lr"], group["epsilon"]
             if plan.tensors is not None:
                 # one pass over all tensors (torch's kernel below sets up each tensor apart)
@@ -133,8 +144,8 @@ class KerasAdam(torch.optim.Optimizer):
             # sqrt(v)/sqrt(1-b2^t) + eps'. With eps' = eps/sqrt(1-b2^t) that is
             # lr*sqrt(1-b2^t)/(1-b1^t) * m/(sqrt(v) + eps): Keras' update, with the decoupled
             # decay w <- w*(1 - lr*wd) first; only the rounding differs (~1e-7).
-            torch._fused_adamw_(params, grads, ms, vs, [], steps, amsgrad=False, lr=lr,
-                                beta1=b1, beta2=b2, weight_decay=group["weight_decay"],
+            torch._fused_adamw_(params, grads, ms, vs, [], plan.device_steps, amsgrad=False,
+                                lr=lr, beta1=b1, beta2=b2, weight_decay=group["weight_decay"],
                                 eps=eps / math.sqrt(1.0 - b2 ** t), maximize=False)
         return loss
 

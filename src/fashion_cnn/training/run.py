@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
-from .. import fileio
+from .. import devices, fileio
 from ..data.arrays import ImageData, Splits, make_splits
 from ..data.sources import open_dataset
 from ..errors import Interrupted, UserError
 from ..models.build import KerasSequential, build_model
+from ..models.cpu_pass import is_accelerated
 from ..perf import configure_runtime, return_freed_memory
 from . import distributed
 from .callbacks import (EarlyStopping, HistoryWriter, ModelCheckpoint, ProgressBar, best_epoch,
@@ -36,7 +37,8 @@ from .callbacks import (EarlyStopping, HistoryWriter, ModelCheckpoint, ProgressB
 from .checkpoint import (checkpoint_weights, load_checkpoint, load_weights, newest_intact,
                          recover_checkpoints, save_weights)
 from .config import ModuleInfo, RunConfig, bind_to_data, validate
-from .loop import Trainer, check_module, evaluate, module_needed
+from .loop import (Trainer, check_module, evaluate, module_device, module_needed,
+                   prepare_model)
 from .recipes import resolve_config
 from .rundir import RunDir
 
@@ -95,6 +97,31 @@ def stop_on_signals(trainer: Trainer):
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def settle_device(cfg: RunConfig, explicit_precision: bool) -> torch.device:
+    """The device a run trains on (train.device, resolved here), and its precision settled in
+    `cfg`: one the device lacks is a UserError if the user asked for it (`explicit_precision`),
+    else fp32 with a one-line notice (devices.resolve_precision); config.toml records it."""
+    device = devices.resolve_device(cfg.train.device)
+    precision, notice = devices.resolve_precision(device, cfg.train.precision, explicit_precision)
+    if notice and distributed.is_main():
+        print(f"note: {notice}", file=sys.stderr)
+    cfg.train.precision = precision
+    return device
+
+
+def reload_device(cfg: RunConfig, device: str | torch.device | None = None) -> torch.device:
+    """Where a reloaded run computes (evaluate, predict, plots): `device` if given (it must be
+    here), else the run's train.device; a run trained on a device this machine lacks is
+    computed on the CPU (weights are saved device-independent), with a notice."""
+    if device is not None:
+        return devices.resolve_device(device, setting="device")
+    try:
+        return devices.resolve_device(cfg.train.device)
+    except UserError as exc:
+        print(f"note: computing on the CPU: {exc}", file=sys.stderr)
+        return torch.device("cpu")
 
 
 def standard_callbacks(cfg: RunConfig, run_dir: RunDir, progress: bool = True, extra=()) -> list:
@@ -170,6 +197,8 @@ def _finish(trainer: Trainer, run_dir: RunDir, train_seconds: float) -> RunResul
         "eval_seconds": eval_seconds,
         "peak_rss_mib": peak_rss_mib(),
         "precision": cfg.train.precision, "threads": torch.get_num_threads(),
+        "device": str(trainer.device), "device_name": devices.device_name(trainer.device),
+        "cpu_pass": is_accelerated(trainer.model),
         # whether the training steps ran the first block, the max pools and the dropout layers
         # through the C kernels (speed, not results); a compiled model runs PyTorch's layers
         "fused_first_block": (getattr(trainer.model, "runs_fused_block", False)
@@ -304,7 +333,6 @@ def train(name_or_config: str | RunConfig | None = None, out: str | os.PathLike 
     trained with the recipe's settings (the defaults without a recipe) in place of its model;
     config.toml records its class and parameter count (docs/pytorch-modules.md).
     """
-    distributed.setup_from_env()  # under torchrun: one of several processes
     if name_or_config is None:
         if model is None:
             raise UserError("train needs a recipe, a model or a config, or model= (a PyTorch "
@@ -317,6 +345,8 @@ def train(name_or_config: str | RunConfig | None = None, out: str | os.PathLike 
         how = f"model={cfg.module.short_name}() to fashion_cnn.train"
         raise UserError(module_needed(cfg.module, how), setting="model")
     check_options(cfg)
+    explicit = bool({"precision", "train.precision"} & set(overrides))
+    distributed.setup_from_env(settle_device(cfg, explicit))  # torchrun: one of several
     configure_runtime(cfg.train.threads)
     reset_peak_rss()
     splits = splits_for(cfg, data)
@@ -339,20 +369,26 @@ def train(name_or_config: str | RunConfig | None = None, out: str | os.PathLike 
 def resume(run_dir: str | os.PathLike, *, epochs: int | None = None,
            data: ImageData | None = None, progress: bool = True,
            expect: RunConfig | None = None, callbacks=(),
-           model: torch.nn.Module | None = None) -> RunResult:
+           model: torch.nn.Module | None = None, device: str | None = None) -> RunResult:
     """Continue a run from its newest intact checkpoint with its own saved configuration.
 
     `expect`, when given, must match the run's configuration (train ... --resume checks this).
     A run of a plain PyTorch module needs `model`: a new instance of it (its weights, like
-    everything else, come from the checkpoint).
+    everything else, come from the checkpoint). `device` continues it on another device than
+    its train.device (bit-identical continuation needs the same device type and threads).
     """
     run_dir = RunDir(run_dir)
-    distributed.setup_from_env()  # under torchrun: one of several processes
     cfg = run_dir.read_config()
+    if device is not None:
+        cfg.train.device = devices.check_device_name(device)
+    # the run's own precision: one this device lacks is an error, never a silent change
+    distributed.setup_from_env(settle_device(cfg, explicit_precision=True))
     model = _model_for_run(cfg, model, run_dir)
     if expect is not None:
         data = data_for(cfg, data)
         bind_to_data(expect, data)  # the given options, as the run resolved its own
+        expect.train.precision = devices.resolve_precision(
+            devices.resolve_device(cfg.train.device), expect.train.precision, False)[0]
     if expect is not None and expect.fingerprint() != cfg.fingerprint():
         raise UserError(f"{run_dir}: the given options contradict the run's configuration "
                         f"({config_differences(cfg, expect)}); continue it as it was with "
@@ -410,8 +446,13 @@ def config_differences(run_cfg: RunConfig, given: RunConfig, limit: int = 3) -> 
 
 
 def load_model(run_dir: str | os.PathLike, checkpoint: str | None = None, *,
-               model: torch.nn.Module | None = None) -> tuple[RunConfig, torch.nn.Module]:
-    """The run's config and model with its final weights (or a named checkpoint's).
+               model: torch.nn.Module | None = None, device: str | torch.device | None = None,
+               cpu_kernels: bool | None = None) -> tuple[RunConfig, torch.nn.Module]:
+    """The run's config and model with its final weights (or a named checkpoint's), in eval
+    mode on `device` (default: the run's own, or the CPU where that is not here: see
+    reload_device). Weights load as with torch.load's map_location: saved from any device,
+    onto this one. On the CPU the model gets the CPU pass unless `cpu_kernels` is False (the
+    run's train.cpu_kernels by default).
 
     A run of a plain PyTorch module needs `model`, a new instance of it: the weights are
     loaded into it (in place) and it is returned in eval mode.
@@ -427,28 +468,33 @@ def load_model(run_dir: str | os.PathLike, checkpoint: str | None = None, *,
     else:
         path = run_dir.weights_file
     load_weights(model, path)
+    kernels_on = cfg.train.cpu_kernels if cpu_kernels is None else cpu_kernels
+    prepare_model(model, reload_device(cfg, device), kernels_on)
     model.eval()
     return cfg, model
 
 
 def open_run(run_dir: str | os.PathLike, checkpoint: str | None = None,
              data: ImageData | None = None, *, with_splits: bool = True,
-             model: torch.nn.Module | None = None
+             model: torch.nn.Module | None = None, device: str | torch.device | None = None
              ) -> tuple[RunConfig, torch.nn.Module, Splits | None]:
-    """A run reloaded to be used: its config, its model (load_model; `model` as there), this
-    process set to the run's thread count, and its splits (None with with_splits=False)."""
-    cfg, model = load_model(run_dir, checkpoint, model=model)
+    """A run reloaded to be used: its config, its model (load_model; `model` and `device` as
+    there), this process set to the run's thread count, and its splits (None with
+    with_splits=False; on the CPU: evaluation moves each batch to the model)."""
+    cfg, model = load_model(run_dir, checkpoint, model=model, device=device)
     configure_runtime(cfg.train.threads)
     return cfg, model, splits_for(cfg, data) if with_splits else None
 
 
 def evaluate_run(run_dir: str | os.PathLike, data: ImageData | None = None,
                  checkpoint: str | None = None, tta: str | None = None, *,
-                 model: torch.nn.Module | None = None) -> dict:
+                 model: torch.nn.Module | None = None,
+                 device: str | torch.device | None = None) -> dict:
     """Reload a run and evaluate it on the test set: loss, accuracy and per-class accuracy.
     `tta` (none | shift | flip) overrides the run's own test-time augmentation setting;
-    `model`: a new instance of a plain module's run's module (load_model)."""
-    cfg, model, splits = open_run(run_dir, checkpoint, data, model=model)
+    `model`: a new instance of a plain module's run's module; `device` where to compute
+    (load_model)."""
+    cfg, model, splits = open_run(run_dir, checkpoint, data, model=model, device=device)
     tta = cfg.train.tta if tta is None else tta
     start = time.perf_counter()
     result = evaluate(model, splits.x_test, splits.y_test, cfg.train.eval_batch_size,
@@ -461,7 +507,8 @@ def evaluate_run(run_dir: str | os.PathLike, data: ImageData | None = None,
         per_class[name] = float((pred[mask] == index).float().mean()) if mask.any() else None
     out = {"test_loss": result["loss"], "test_accuracy": result["accuracy"],
            "test_correct": result["correct"], "test_size": len(y),
-           "per_class_accuracy": per_class, "eval_seconds": seconds, "tta": tta}
+           "per_class_accuracy": per_class, "eval_seconds": seconds, "tta": tta,
+           "device": str(module_device(model))}
     if "accuracy_without_tta" in result:
         out["test_accuracy_without_tta"] = result["accuracy_without_tta"]
     # a mirrored shoe is new to a model trained without flips: the CLI warns about the flip TTA
