@@ -9,10 +9,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fashion_cnn"
 # Lowest first; a module may import from its own layer and the layers before it. The ground
-# floor (errors, fileio, perf, catalog) serves every layer; the package root and __main__
+# floor (errors, fileio, perf, devices, catalog) serves every layer; the package root and __main__
 # sit on top, beside the CLI.
 LAYERS = ["ground", "data", "models", "training", "analysis", "apps", "cli", "top"]
-GROUND = {"errors", "fileio", "perf", "catalog"}
+GROUND = {"errors", "fileio", "perf", "devices", "catalog"}
 
 
 def module_name(path: Path) -> str:

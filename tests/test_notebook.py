@@ -29,6 +29,12 @@ def this_python_kernel(tmp_path, monkeypatch):
 
 def test_study_notebook_runs_without_errors(real_data, tmp_path, this_python_kernel):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
+    # smaller quick settings than the notebook's own: what is tested is that every cell runs
+    for old, new in (("SUBSET, EPOCHS = 3000, 2", "SUBSET, EPOCHS = 1000, 1"),
+                     ("epochs_scale=0.04, subset=2000", "epochs_scale=0.04, subset=600")):
+        cells = [c for c in notebook.cells if old in c.source]
+        assert len(cells) == 1, f"the notebook no longer has {old!r}: update this test"
+        cells[0].source = cells[0].source.replace(old, new)
     work = tmp_path / "work"  # the notebook writes runs/ under its working directory
     work.mkdir()
     client = nbclient.NotebookClient(notebook, kernel_name=this_python_kernel, timeout=600,

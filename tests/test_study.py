@@ -19,7 +19,7 @@ from fashion_cnn.analysis.study_run import run_study
 from fashion_cnn.catalog import ZOO
 
 SEED_STUDY = ZOO / "studies" / "seed.toml"
-QUICK = ["--subset", "2000", "--epochs-scale", "0.04"]
+QUICK = ["--subset", "1000", "--epochs-scale", "0.04"]
 
 
 # ----------------------------------------------------------------------------- the study file
@@ -137,7 +137,7 @@ def test_early_stopping_pick_follows_keras_patience():
 
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory, real_data):
-    """The seed study with --subset 2000 --epochs-scale 0.04, through the command line."""
+    """The seed study with --subset 1000 --epochs-scale 0.04, through the command line."""
     out = tmp_path_factory.mktemp("study") / "seed"
     assert cli.main(["study", "seed", "--out", str(out), *QUICK, "--quiet"]) == 0
     return out
@@ -215,9 +215,9 @@ def test_rerun_with_other_options_is_refused(quick_study, capsys):
     assert cli.main(["study", "seed", "--out", str(quick_study), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "other settings" in err
-    assert "--epochs-scale 0.04 --subset 2000" in err and "choose another output directory" in err
+    assert "--epochs-scale 0.04 --subset 1000" in err and "choose another output directory" in err
     assert err.startswith("fashion-cnn: error: --out: ")  # the CLI names the flag
-    assert read_study(quick_study).subset == 2000  # study.toml untouched
+    assert read_study(quick_study).subset == 1000  # study.toml untouched
 
 
 def test_report_command_rewrites_the_report(quick_study, capsys):

@@ -297,10 +297,10 @@ def test_memory_the_allocator_kept_from_a_run_is_not_the_next_runs():
     assert after < kept - 128
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_compiled_training_runs_a_model_with_dropout(real_data, tmp_path, precision):
+def test_compiled_training_runs_a_model_with_dropout(real_data, tmp_path, precision="bf16"):
     # model2: dropout and a small-output convolution, whose eager paths (the C kernel, the
-    # int16 mask lanes, the custom weight gradient) torch.compile must not see
+    # int16 mask lanes, the custom weight gradient) torch.compile must not see; in bf16, where
+    # every one of them would run (fp32 compiles the same graph without the bf16-only paths)
     result = fc.train("model2", tmp_path / "r", data=real_data, progress=False, plots=False,
                        subset=256, epochs=1, batch_size=64, compile=True, precision=precision)
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())

@@ -9,14 +9,6 @@ data -> models -> training -> analysis -> apps -> cli. Everything a notebook nee
 >>> fc.evaluate_run(result.run_dir)["test_accuracy"]           # doctest: +SKIP
 """
 
-import importlib.metadata as _metadata
-
-# Before the imports below: apps.environment (and `--version`) read it from here.
-try:
-    __version__ = _metadata.version("fashion-cnn")
-except _metadata.PackageNotFoundError:  # the source tree on sys.path, never installed
-    __version__ = "0+unknown"
-
 from .analysis.figures import figure_compare_curves, figure_confusion, figure_metrics, figure_weights
 from .analysis.image_figures import figure_activations, figure_misclassified, figure_predictions
 from .analysis.metrics import confusion_matrix, per_class_table, softmax
@@ -25,7 +17,7 @@ from .analysis.report import results_markdown, write_report
 from .analysis.runs import resume, train
 from .analysis.study import list_studies, load_study
 from .analysis.study_run import run_study
-from .apps.environment import environment_report, format_environment
+from .apps.environment import environment_report, format_environment, package_version
 from .apps.export import export_onnx
 from .apps.keras_import import import_keras
 from .apps.predict import predict_files, save_inputs
@@ -47,6 +39,8 @@ from .training.loop import Trainer, evaluate
 from .training.recipes import list_recipes, load_config, resolve_config
 from .training.run import RunResult, evaluate_run, load_model
 from .training.rundir import RunDir
+
+__version__ = package_version()
 
 __all__ = [
     # data and models

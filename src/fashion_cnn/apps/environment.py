@@ -34,9 +34,12 @@ _LABEL_WIDTH = 18
 
 
 def package_version() -> str:
-    from .. import __version__
-
-    return __version__
+    """The installed package's version ("0+unknown" for a source tree never installed);
+    fashion_cnn.__version__."""
+    try:
+        return importlib.metadata.version("fashion-cnn")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def version_line() -> str:
