@@ -35,8 +35,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="decoupled weight decay (AdamW-style; not a Keras kernel regularizer)")
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--precision", choices=CHOICES[("train", "precision")],
-                   help="autocast precision: bf16 needs native support (a CPU with AVX512-BF16 "
-                        "or AMX, or a recent GPU), fp16 a GPU")
+                   help="autocast precision: bf16 needs fast bf16 (an AVX-512 CPU, or a GPU "
+                        "of compute capability 8.0+), fp16 a GPU")
     _add_device_option(g, "where to train")
     g.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="on the CPU, the C kernels and CPU speed paths (default on)")
