@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fashion_cnn"
@@ -102,3 +104,15 @@ def test_run_directory_file_names_are_spelled_only_in_rundir():
              for number, line in enumerate(path.read_text().splitlines(), 1)
              if quoted.search(line) and "add_parser" not in line]  # `fashion-cnn plots`
     assert found == []
+
+
+def test_the_package_root_exports_every_public_name_lazily():
+    """`import fashion_cnn` imports nothing heavy (the CLI's start-up runs inside its Ctrl-C
+    handler); each public name resolves to the object of the module the root names."""
+    code = ("import sys, fashion_cnn as fc; heavy = {'torch', 'numpy', 'matplotlib'} & set(sys.modules); "
+            "assert not heavy, heavy; "
+            "missing = [n for n in fc.__all__ if not hasattr(fc, n)]; assert not missing, missing; "
+            "assert fc.__version__")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -7,40 +7,81 @@ data -> models -> training -> analysis -> apps -> cli. Everything a notebook nee
 >>> import fashion_cnn as fc
 >>> result = fc.train("seed-model1", epochs=1)                 # doctest: +SKIP
 >>> fc.evaluate_run(result.run_dir)["test_accuracy"]           # doctest: +SKIP
+
+The names below load on first use (PEP 562): `import fashion_cnn` itself imports nothing
+heavy, so the command line's start-up (torch included) runs inside its Ctrl-C handler, and
+`fc.load_data` does not wait for onnxruntime or Optuna.
 """
 
-from .analysis.figures import figure_compare_curves, figure_confusion, figure_metrics, figure_weights
-from .analysis.image_figures import figure_activations, figure_misclassified, figure_predictions
-from .analysis.metrics import confusion_matrix, per_class_table, softmax
-from .analysis.plots import LivePlot, augmentation_preview, compare_runs, plots_from_run
-from .analysis.report import results_markdown, write_report
-from .analysis.runs import resume, train
-from .analysis.study import list_studies, load_study
-from .analysis.study_run import run_study
-from .apps.environment import environment_report, format_environment, package_version
-from .apps.export import export_onnx
-from .apps.keras_import import import_keras
-from .apps.predict import predict_files, save_inputs
-from .apps.tune import tune
-from .data.arrays import ImageData, class_counts, make_splits
-from .data.fashion_mnist import CLASS_NAMES, load_data
-from .data.images import write_image_folder
-from .data.sources import open_dataset
-from .errors import (CheckpointError, DataError, Interrupted, NonFiniteLoss, SpecError,
-                     TrainingStopped, UserError)
-from .models.build import build_model
-from .models.cpu_pass import accelerate, is_accelerated, plain
-from .models.keras_format import keras_to_spec, load_keras
-from .models.spec import parse_spec, summary
-from .models.zoo import get_model_spec, list_models
-from .models.spec import adapt_spec
-from .training.config import RunConfig, bind_to_data
-from .training.loop import Trainer, evaluate
-from .training.recipes import list_recipes, load_config, resolve_config
-from .training.run import RunResult, evaluate_run, load_model
-from .training.rundir import RunDir
+import importlib
 
-__version__ = package_version()
+# public name -> the module (relative to this package) that defines it
+_EXPORTS = {
+    "figure_compare_curves": "analysis.figures",
+    "figure_confusion": "analysis.figures",
+    "figure_metrics": "analysis.figures",
+    "figure_weights": "analysis.figures",
+    "figure_activations": "analysis.image_figures",
+    "figure_misclassified": "analysis.image_figures",
+    "figure_predictions": "analysis.image_figures",
+    "confusion_matrix": "analysis.metrics",
+    "per_class_table": "analysis.metrics",
+    "softmax": "analysis.metrics",
+    "LivePlot": "analysis.plots",
+    "augmentation_preview": "analysis.plots",
+    "compare_runs": "analysis.plots",
+    "plots_from_run": "analysis.plots",
+    "results_markdown": "analysis.report",
+    "write_report": "analysis.report",
+    "resume": "analysis.runs",
+    "train": "analysis.runs",
+    "list_studies": "analysis.study",
+    "load_study": "analysis.study",
+    "run_study": "analysis.study_run",
+    "environment_report": "apps.environment",
+    "format_environment": "apps.environment",
+    "export_onnx": "apps.export",
+    "import_keras": "apps.keras_import",
+    "predict_files": "apps.predict",
+    "save_inputs": "apps.predict",
+    "tune": "apps.tune",
+    "ImageData": "data.arrays",
+    "class_counts": "data.arrays",
+    "make_splits": "data.arrays",
+    "CLASS_NAMES": "data.fashion_mnist",
+    "load_data": "data.fashion_mnist",
+    "write_image_folder": "data.images",
+    "open_dataset": "data.sources",
+    "CheckpointError": "errors",
+    "DataError": "errors",
+    "Interrupted": "errors",
+    "NonFiniteLoss": "errors",
+    "SpecError": "errors",
+    "TrainingStopped": "errors",
+    "UserError": "errors",
+    "build_model": "models.build",
+    "accelerate": "models.cpu_pass",
+    "is_accelerated": "models.cpu_pass",
+    "plain": "models.cpu_pass",
+    "keras_to_spec": "models.keras_format",
+    "load_keras": "models.keras_format",
+    "parse_spec": "models.spec",
+    "summary": "models.spec",
+    "get_model_spec": "models.zoo",
+    "list_models": "models.zoo",
+    "adapt_spec": "models.spec",
+    "RunConfig": "training.config",
+    "bind_to_data": "training.config",
+    "Trainer": "training.loop",
+    "evaluate": "training.loop",
+    "list_recipes": "training.recipes",
+    "load_config": "training.recipes",
+    "resolve_config": "training.recipes",
+    "RunResult": "training.run",
+    "evaluate_run": "training.run",
+    "load_model": "training.run",
+    "RunDir": "training.rundir",
+}
 
 __all__ = [
     # data and models
@@ -64,3 +105,22 @@ __all__ = [
     "UserError", "DataError", "SpecError", "CheckpointError", "TrainingStopped", "Interrupted",
     "NonFiniteLoss",
 ]
+
+
+def __getattr__(name: str):
+    """A public name, imported from its module on first use; `__version__` the installed
+    package's version."""
+    if name == "__version__":
+        from .apps.environment import package_version
+
+        value = package_version()
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
