@@ -9,11 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from fashion_cnn.data import fashion_mnist as fdata
 from fashion_cnn.devices import EMULATED_BF16_ENV
 
 REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+# Hypothesis: "ci" (the default, inside `make test`) keeps each property suite to a few
+# seconds; HYPOTHESIS_PROFILE=long is the by-hand run whose counts go into closing notes.
+# Registered once, here, so that the budget does not depend on which test file loads first.
+_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_check=_QUIET)
+settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=_QUIET)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_configure(config):
@@ -47,6 +57,14 @@ def make_idx_dir(directory: Path, n_train: int = 60, n_test: int = 20, gz: bool 
         fdata.write_idx(directory / f"{split}-images-idx3-ubyte{suffix}", images)
         fdata.write_idx(directory / f"{split}-labels-idx1-ubyte{suffix}", labels)
     return directory
+
+
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    """In-process runs set torch's thread count (train.threads); put it back after each test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

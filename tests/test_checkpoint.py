@@ -26,11 +26,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fashion_cnn.training import checkpoint
+from fashion_cnn.training import checkpoint, checkpoint_meta
 from fashion_cnn import cli
 from fashion_cnn import fileio
 import fashion_cnn as fc
-from fashion_cnn.training import run
 from fashion_cnn.training.callbacks import EarlyStopping
 from fashion_cnn.errors import (CheckpointError, Interrupted, NonFiniteLoss, TrainingStopped,
                                 UserError)
@@ -47,14 +46,6 @@ AUGMENTED = ["model2", "--subset", "600", "--batch-size", "32", "--threads", "1"
                for arg in ("--set", f"{key}={str(value).lower()}")]]
 QUIET = ["--quiet", "--no-plots"]
 HOOK_VARS = ("FASHION_CNN_PAUSE_AT", "FASHION_CNN_PAUSE_PATH", "FASHION_CNN_PAUSE_MARKER")
-
-
-@pytest.fixture(autouse=True)
-def _keep_thread_count():
-    """The in-process runs set torch's thread count; put it back for other tests."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -298,8 +289,9 @@ class _Payload:
 def _reseal(directory: Path) -> None:
     """Recompute a checkpoint's checksums, as an attacker could: the loader itself must refuse."""
     meta = json.loads((directory / "state.json").read_text())
-    meta["sha256"] = {name: fileio.sha256_file(directory / name) for name in checkpoint.TENSOR_FILES}
-    meta["checksum"] = checkpoint._meta_checksum(meta)
+    meta["sha256"] = {name: fileio.sha256_file(directory / name)
+                      for name in checkpoint_meta.TENSOR_FILES}
+    meta["checksum"] = checkpoint_meta.meta_checksum(meta)
     (directory / "state.json").write_text(json.dumps(meta))
 
 
@@ -346,7 +338,7 @@ def test_crafted_state_json_with_wrong_types_gives_a_checkpoint_error(references
     for key, value in [("sha256", ["model.safetensors"]), ("epoch", "4"), ("history", {}),
                        ("optimizer", None), ("sha256", {"../../config.toml": "0"})]:
         crafted = {**meta, key: value}
-        crafted["checksum"] = checkpoint._meta_checksum(crafted)
+        crafted["checksum"] = checkpoint_meta.meta_checksum(crafted)
         (directory / "state.json").write_text(json.dumps(crafted))
         with pytest.raises(CheckpointError, match="invalid checkpoint"):
             checkpoint.read_checkpoint_meta(directory)

@@ -1,6 +1,9 @@
 import gzip
+import json
+import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -164,3 +167,67 @@ def test_data_command_prints_counts(real_data):
     assert result.returncode == 0, result.stderr
     assert "MD5 verified" in result.stdout and "Ankle boot" in result.stdout
     assert "60000" in result.stdout and "10000" in result.stdout
+
+
+def _counting(monkeypatch, module, name):
+    """Replace module.name by a wrapper that records the first argument of each call."""
+    calls, real = [], getattr(module, name)
+
+    def wrapper(first, *args, **kwargs):
+        calls.append(first)
+        return real(first, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def _rewrite_in_place(path, flip_at=None):
+    """Rewrite the file (one byte flipped at `flip_at`, or the same bytes), keeping its size and
+    modification time: only its change time (ctime) moves."""
+    st = path.stat()
+    raw = bytearray(path.read_bytes())
+    if flip_at is not None:
+        raw[flip_at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_warm_load_hashes_and_checks_only_files_whose_stamp_moved(tmp_path, monkeypatch):
+    from fashion_cnn import fileio
+    from fashion_cnn.data import arrays
+
+    monkeypatch.setattr(arrays, "SETTLE_NS", 0)  # stamp files at once, however new they are
+    hashed = _counting(monkeypatch, fileio, "sha256_file")
+    checked = _counting(monkeypatch, arrays, "array_checksum")
+    directory = make_idx_dir(tmp_path / "raw", n_train=12, n_test=4, gz=False)
+    first = fdata.load_data(directory, check_md5=False)
+    assert not first.from_cache and not hashed  # hashed while decoded, not read twice
+    checked.clear()
+    warm = fdata.load_data(directory, check_md5=False)
+    assert warm.from_cache and hashed == [] and checked == []  # no source read, no CRC
+    time.sleep(0.05)  # past the file system's timestamp tick: the writes below move ctime
+    _rewrite_in_place(directory / "t10k-labels-idx1-ubyte")  # same bytes, new ctime
+    assert fdata.load_data(directory, check_md5=False).from_cache
+    assert [p.name for p in hashed] == ["t10k-labels-idx1-ubyte"]
+    hashed.clear()
+    assert fdata.load_data(directory, check_md5=False).from_cache and hashed == []  # recorded
+    _rewrite_in_place(directory / "train-images-idx3-ubyte", flip_at=16 + 3)
+    again = fdata.load_data(directory, check_md5=False)
+    assert [p.name for p in hashed] == ["train-images-idx3-ubyte"] and not again.from_cache
+    assert again.train_images[0, 0, 3] == first.train_images[0, 0, 3] ^ 0xFF
+    # a cache file rewritten in place is checked by CRC-32, and decoded again when damaged
+    cached = next(m.parent / "train_images.npy"
+                  for m in fdata.cache_root().glob("decoded/*/manifest.json")
+                  if json.loads(m.read_text())["source_dir"] == str(directory))
+    time.sleep(0.05)
+    _rewrite_in_place(cached, flip_at=cached.stat().st_size - 1)
+    damaged = fdata.load_data(directory, check_md5=False)
+    assert not damaged.from_cache and np.array_equal(damaged.train_images, again.train_images)
+
+
+def test_a_regular_file_wins_over_a_directory_or_fifo_of_the_raw_name(tmp_path):
+    directory = make_idx_dir(tmp_path / "idx", n_train=12, n_test=4, gz=True)
+    (directory / "train-images-idx3-ubyte").mkdir()
+    os.mkfifo(directory / "t10k-labels-idx1-ubyte")
+    data = fdata.load_data(directory, check_md5=False, use_cache=False)
+    assert data.train_images.shape == (12, 28, 28) and data.test_labels.shape == (4,)

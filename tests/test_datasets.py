@@ -265,3 +265,37 @@ def test_zoo_models_adapt_to_the_data_or_name_the_layer_that_cannot():
         adapt_spec(get_model_spec("model2"), 6, 1, 10, exact=True)
     message = str(info.value)
     assert "layer" in message and len(message.splitlines()) == 1
+
+
+def test_a_warm_folder_load_hashes_only_the_files_that_changed(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from PIL import Image
+
+    from fashion_cnn import fileio
+    from fashion_cnn.data import arrays
+
+    monkeypatch.setattr(arrays, "SETTLE_NS", 0)  # stamp files at once, however new they are
+    hashed, real = [], fileio.sha256_file
+    monkeypatch.setattr(fileio, "sha256_file",
+                        lambda path, *a, **k: hashed.append(os.path.basename(path))
+                        or real(path, *a, **k))
+    root = tmp_path / "shapes"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (12, 12), 40 * i + 1).save(root / cls / f"{i}.bmp")
+    first = open_dataset(str(root))
+    assert len(hashed) == 6 and not first.from_cache  # cold: every file hashed once
+    hashed.clear()
+    assert open_dataset(str(root)).from_cache and hashed == []  # warm: no image file read
+    time.sleep(0.05)  # past the file system's timestamp tick: the write below moves ctime
+    path = root / "b" / "2.bmp"
+    st = path.stat()
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF  # a pixel, in place: same size, modification time restored
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = open_dataset(str(root))
+    assert hashed == ["2.bmp"] and not again.from_cache

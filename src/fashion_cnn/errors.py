@@ -35,6 +35,20 @@ class CheckpointError(UserError):
     """A missing, corrupt or incompatible checkpoint or run directory."""
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as part of one line: its first line, cut to `limit` characters,
+    or the exception's class name where the message is empty (a foreign library's error,
+    quoted inside a UserError).
+
+    >>> first_line(ValueError("bad header\\n  at byte 16"))
+    'bad header'
+    >>> first_line(MemoryError())
+    'MemoryError'
+    """
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def require_module(name: str, command: str, install: str):
     """The module `name`, imported; a UserError naming it and how to install it where it is
     missing (the packages of the optional extras)."""

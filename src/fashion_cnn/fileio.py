@@ -7,10 +7,11 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from .errors import SpecError, UserError
 
@@ -123,30 +124,141 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
         writer(tmp)
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def special_file_kind(mode: int) -> str | None:
+    """What a file of this st_mode is when it is not a regular file ("a named pipe (FIFO)",
+    ...); None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
-def read_toml(path: str | Path) -> dict:
-    """A TOML file as a dict; SpecError names the file on any problem."""
+def _refuse_special(path: Path, mode: int, what: str, error: type[UserError]) -> None:
+    kind = special_file_kind(mode)
+    if kind is not None:
+        raise error(f"{path}: is {kind}, not a regular file (expected {what})")
+
+
+def _read_error(path: Path, exc: OSError, error: type[UserError]) -> UserError:
+    if isinstance(exc, FileNotFoundError):
+        return error(f"{path}: file not found")
+    if isinstance(exc, PermissionError):
+        return error(f"{path}: cannot read (permission denied)")
+    return error(f"{path}: cannot read ({exc.strerror or exc})")
+
+
+def _regular_mode(path: str | os.PathLike, what: str, error: type[UserError]) -> None:
+    """Refuse `path` unless os.stat says it is a regular file (no Path built: this runs once
+    per file of an image folder)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise _read_error(Path(path), exc, error) from None
+    except ValueError:  # the path holds a NUL character: no file has such a name
+        raise error(f"{os.fspath(path)!r}: not a valid file name") from None
+    if not stat.S_ISREG(mode):
+        _refuse_special(Path(path), mode, what, error)
+
+
+def require_regular_file(path: str | os.PathLike, what: str,
+                         error: type[UserError] = UserError) -> Path:
+    """`path` when it is a regular file (a symbolic link to one counts); else one line
+    (`error`) saying what it is instead. Reads only the file's metadata, so a FIFO or a device
+    is refused at once instead of blocking the reader that would open it.
+
+    >>> require_regular_file("spec.toml", "a TOML file", SpecError)   # doctest: +SKIP
+    PosixPath('spec.toml')
+    """
+    _regular_mode(path, what, error)
+    return Path(path)
+
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) \
+    | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_regular_file(path: str | os.PathLike, what: str,
+                      error: type[UserError] = UserError) -> BinaryIO:
+    """`path` opened for binary reading when it is a regular file; else one line (`error`).
+    Never blocks: the file is checked before it is opened (a device is never opened), opened
+    without waiting (O_NONBLOCK, which a FIFO would otherwise need a writer for) and checked
+    again on the open descriptor, so a file swapped for a FIFO in between is refused too.
+
+    >>> with open_regular_file("train-images-idx3-ubyte.gz", "an IDX file") as handle:
+    ...     head = handle.read(4)                                        # doctest: +SKIP
+    """
+    _regular_mode(path, what, error)
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise _read_error(Path(path), exc, error) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            _refuse_special(Path(path), mode, what, error)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, *, what: str = "a file",
+                error: type[UserError] = UserError) -> str:
+    """The SHA-256 hex digest of a regular file's bytes, read `chunk` bytes at a time. Refused
+    as open_regular_file refuses (one line, `error`, saying `what` was expected): a FIFO or a
+    device never blocks the reader.
+
+    >>> sha256_file("weights.bin")                                      # doctest: +SKIP
+    '9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08'
+    """
+    with open_regular_file(path, what, error) as handle:
+        digest = hashlib.sha256()
+        try:
+            while block := handle.read(chunk):
+                digest.update(block)
+        except OSError as exc:
+            raise _read_error(Path(path), exc, error) from None
+        return digest.hexdigest()
+
+
+def read_toml(path: str | Path, max_bytes: int = 8 * 2**20, max_depth: int = 64) -> dict:
+    """A TOML file as a dict; SpecError names the file on any problem. A special file (a FIFO,
+    a device) is refused unopened, and so is a file over `max_bytes` or with tables and
+    arrays nested more than `max_depth` deep: specs, recipes and configs are a few KiB and a
+    few levels, and Python's TOML parser recurses once per level."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        raise SpecError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise SpecError(f"{path}: is a directory, expected a TOML file") from None
+        with open_regular_file(path, "a TOML file", SpecError) as handle:
+            text = handle.read(max_bytes + 1)
+    except ValueError:  # the path holds a NUL character: no file has such a name
+        raise SpecError(f"{str(path)!r}: not a valid file name") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(text) > max_bytes:
+        raise SpecError(f"{path}: larger than {max_bytes // 2**20} MiB; a TOML file here is a "
+                        f"spec, recipe or config of a few KiB")
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: invalid TOML ({exc})") from None
     except UnicodeDecodeError:
         raise SpecError(f"{path}: not a text file (invalid UTF-8)") from None
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read ({exc.strerror})") from None
+    except ValueError:  # tomllib's one other error: Python reads no integer of > 4300 digits
+        raise SpecError(f"{path}: an integer has more digits than can be read") from None
+    except RecursionError:
+        raise SpecError(f"{path}: tables or arrays nested more than {max_depth} deep") from None
+    pending = [(data, 1)]  # a walk without recursion: (table or array, its depth)
+    while pending:
+        value, depth = pending.pop()
+        if depth > max_depth:
+            raise SpecError(f"{path}: tables or arrays nested more than {max_depth} deep")
+        children = value.values() if isinstance(value, dict) else value
+        pending.extend((child, depth + 1) for child in children
+                       if isinstance(child, (dict, list)))
+    return data
 
 
 def toml_value(value: Any) -> str:
@@ -156,7 +268,10 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
+        # a JSON string is a valid TOML basic string, except for two things: JSON writes
+        # characters above U+FFFF as surrogate pairs, which TOML refuses (so no ASCII
+        # escaping), and TOML refuses a literal DEL
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):

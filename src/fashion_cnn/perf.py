@@ -77,6 +77,31 @@ def configure_runtime(threads: int = 0) -> None:
         torch.set_num_threads(threads)
 
 
+def machine_memory_bytes() -> int | None:
+    """Bytes of memory this process may use: the machine's physical memory, or its
+    container's (cgroup v2 or v1) limit where that is lower; None where neither can be read.
+
+    >>> machine_memory_bytes()                                          # doctest: +SKIP
+    25193656320
+    """
+    sizes = []
+    try:
+        sizes.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        pass
+    for limit_file in ("/sys/fs/cgroup/memory.max",  # cgroup v2
+                       "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v1
+        try:
+            with open(limit_file) as handle:
+                text = handle.read(64).strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" where there is no limit
+            sizes.append(int(text))
+    sizes = [size for size in sizes if size > 0]
+    return min(sizes) if sizes else None
+
+
 def cpu_autocast_is_bf16() -> bool:
     """True inside torch.autocast("cpu", dtype=torch.bfloat16) (our --precision bf16)."""
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16

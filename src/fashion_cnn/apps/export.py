@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import fileio
-from ..errors import UserError, require_module
+from ..errors import UserError, first_line, require_module
+from ..training.rundir import RunDir
 
 OPSET = 18
 # The check passes when onnxruntime's probabilities are within this of PyTorch's (float32
@@ -88,13 +89,17 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     require_module("onnxscript", "export", INSTALL_HINT)
     if check:
         require_module("onnxruntime", "export", INSTALL_HINT)
+    path = Path(out) if out is not None else Path(run_dir) / "model.onnx"
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give a file name such as {path / 'model.onnx'}")
+    if any(path.resolve() == own.resolve() for own in RunDir(run_dir).own_files()):
+        raise UserError(f"{path}: is one of the run's own files, which the export would "
+                        f"replace; give another name, such as {Path(run_dir) / 'model.onnx'}",
+                        setting="out")
     # the plain model on the CPU: the C kernels are opaque to the exporter
     config, model = load_model(run_dir, checkpoint, device="cpu", cpu_kernels=False)
     mean, std = config.stats
     wrapper = PixelsToProbabilities(model, config.pad, config.data.pad_value, mean, std).eval()
-    path = Path(out) if out is not None else Path(run_dir) / "model.onnx"
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory; give a file name such as {path / 'model.onnx'}")
     example = torch.zeros(pixel_shape(config, 2), dtype=torch.uint8)
 
     checked: dict = {}
@@ -124,8 +129,8 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     except UserError:
         raise
     except Exception as exc:  # the exporter's own failures: say what, in one line
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{path}: the ONNX export failed ({type(exc).__name__}: {first})") from None
+        raise UserError(f"{path}: the ONNX export failed ({type(exc).__name__}: "
+                        f"{first_line(exc)})") from None
     result = ExportResult(path, path.stat().st_size, None, 0, None,
                           ("N",) + pixel_shape(config, 1)[1:], len(config.class_names))
     if check:

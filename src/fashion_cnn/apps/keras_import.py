@@ -17,11 +17,11 @@ import torch
 from ..errors import UserError
 from ..models.keras_format import load_keras
 from ..models.spec import ModelSpec
-from ..training.checkpoint import save_checkpoint, save_weights
+from ..training.checkpoint import save_checkpoint, save_run_weights
 from ..training.config import RunConfig
 from ..training.loop import Trainer
 from ..training.recipes import resolve_config
-from ..training.rundir import RunDir
+from ..training.rundir import RunDir, check_checkpoint_pattern, checkpoint_name
 from ..training.run import splits_for
 
 IMPORTED_CHECKPOINT_EPOCH = 0  # the imported weights' checkpoint: before this run's first epoch
@@ -63,14 +63,15 @@ def import_keras(path: str | os.PathLike, out: str | os.PathLike | None = None, 
                         setting="data.dataset")
     run_dir = RunDir.create(out, f"{spec.name}-keras")
     run_dir.write_config(cfg)
-    save_weights(net, run_dir.weights_file, {"model": spec.name, "keras_file": path.name})
+    save_run_weights(net, run_dir, {"model": spec.name, "keras_file": path.name})
     # A Trainer at its start, around the imported weights: its checkpoint is what `resume`
     # continues from (optimizer moments zero, generators seeded as a new run's). The caller's
     # global random state is left as it was.
     with torch.random.fork_rng(devices=[]):
         trainer = Trainer(cfg, splits, model=net, run_dir=run_dir)
-        name_0 = cfg.checkpoint.filename.format(epoch=IMPORTED_CHECKPOINT_EPOCH) \
-            if "{epoch}" in cfg.checkpoint.filename else "imported"
+        pattern = cfg.checkpoint.filename
+        name_0 = (checkpoint_name(pattern, IMPORTED_CHECKPOINT_EPOCH)
+                  if "epoch" in check_checkpoint_pattern(pattern) else "imported")
         save_checkpoint(trainer, run_dir.checkpoint(name_0), kind="epoch")
     net.eval()
     return run_dir.path

@@ -29,8 +29,8 @@ import torch
 from .. import fileio
 from ..data.arrays import to_tensor
 from ..data.fashion_mnist import CLASS_NAMES, IMAGE_SIZE
-from ..data.images import eight_bit, fit_image
-from ..errors import UserError
+from ..data.images import eight_bit, fit_image, open_image
+from ..errors import UserError, first_line
 
 INVERT_CHOICES = ("auto", "yes", "no")
 # A pixel belongs to the garment when it is this much brighter (0-255, after any inversion)
@@ -71,25 +71,10 @@ class Prediction:
 
 def load_image(path: str | os.PathLike):
     """The image at `path`, decoded by Pillow and turned upright (EXIF orientation); one clear
-    ImageError when the file is missing, unreadable, not an image, truncated or too large."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    path = Path(path)
-    try:
-        with Image.open(path) as opened:
-            opened.load()  # decode now: a truncated file fails here, not later
-            image = ImageOps.exif_transpose(opened)
-    except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file Pillow can read (PNG, JPEG, WebP, ...)") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{path}: image too large to decode safely ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
-        raise ImageError(f"{path}: cannot decode the image ({exc})") from None
-    return image
+    ImageError when the file is missing, not a regular file, unreadable, not an image,
+    truncated or above the pixel budget (data.images.open_image: checked from the header,
+    before decoding)."""
+    return open_image(path, upright=True, error=ImageError)
 
 
 def _grayscale(image) -> np.ndarray:
@@ -164,6 +149,20 @@ def model_input(image, config, invert: str = "auto") -> tuple[np.ndarray, bool]:
     return fit_image(image, config.image_size, config.channels, config.data.fit), False
 
 
+def image_input(path: str | os.PathLike, config, invert: str = "auto") -> tuple[np.ndarray, bool]:
+    """The image file at `path` as the run's model input (model_input), and whether it was
+    inverted; ImageError (one line naming the file) for any failure to read or convert it:
+    Pillow decodes some modes that it cannot convert (LAB, La) and fails in many ways."""
+    image = load_image(path)
+    try:
+        return model_input(image, config, invert)
+    except MemoryError:
+        raise ImageError(f"{path}: not enough memory to convert the image") from None
+    except Exception as exc:
+        raise ImageError(f"{path}: cannot convert the image from Pillow mode "
+                         f"{getattr(image, 'mode', '?')} ({first_line(exc)})") from None
+
+
 def predict_arrays(model: torch.nn.Module, config, images: np.ndarray,
                    tta: str | None = None) -> np.ndarray:
     """Class probabilities (N, classes) for uint8 images (N, H, W[, 3]) as the run's data
@@ -183,8 +182,9 @@ def predict_files(run_dir: str | os.PathLike, paths, *, checkpoint: str | None =
     """Predict each image file with a trained run's model (its final weights, or a checkpoint),
     on `device` (default: the run's own, or the CPU where that is not here).
 
-    A file that cannot be used gets a Prediction with `error` set; the others are predicted
-    all the same, in one batch.
+    A file that cannot be used, for whatever reason (missing, not an image, truncated, over
+    the pixel budget, a colour mode that cannot be converted), gets a Prediction with `error`
+    set, one line naming it; the others are predicted all the same, in one batch.
     """
     from ..training.run import open_run
 
@@ -193,7 +193,7 @@ def predict_files(run_dir: str | os.PathLike, paths, *, checkpoint: str | None =
     results = []
     for path in paths:
         try:
-            array, inverted = model_input(load_image(path), config, invert)
+            array, inverted = image_input(path, config, invert)
             results.append(Prediction(str(path), inverted=inverted, image=array,
                                       class_names=config.class_names))
         except ImageError as exc:

@@ -31,6 +31,7 @@ file system) work on one study together: start the same command in each.
 from __future__ import annotations
 
 import csv
+import decimal
 import io
 import math
 import os
@@ -42,11 +43,13 @@ from .. import fileio
 from ..catalog import file_in, names
 from ..errors import NonFiniteLoss, SpecError, UserError, require_module
 from ..fileio import read_toml, toml_value
+from ..models.args import shown
 from ..perf import configure_runtime
 from ..training.config import to_toml
 from ..training.loop import Trainer
-from ..training.recipes import resolve_config
+from ..training.recipes import load_config, resolve_config, setting_key
 from ..training.run import data_for, splits_for
+from .tune_storage import first_line, open_study
 
 OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
 PARAM_TYPES = ("float", "int", "categorical")
@@ -89,50 +92,120 @@ def search_path(name: str) -> Path:
     return file_in("searches", "search space", name)
 
 
+def _is_number(value, kind: str) -> bool:
+    """An int (for "int", of any size: the config's bounds judge it) or a finite int or float
+    (for "float"); never a bool."""
+    if isinstance(value, bool) or not isinstance(value, int if kind == "int" else (int, float)):
+        return False
+    try:
+        return kind == "int" or math.isfinite(value)
+    except OverflowError:  # an integer beyond float's range
+        return False
+
+
+def _step_fits(spec: dict, kind: str, where: str) -> None:
+    """SpecError unless high - low is a whole number of steps, as Optuna reckons it: in
+    Python's integers for "int", in decimals of 28 digits (its global context) for "float",
+    which otherwise lowers high with a warning, or fails inside a trial where the quotient
+    has more digits."""
+    low, high, step = spec["low"], spec["high"], spec["step"]
+    if kind == "int":
+        span, remainder = high - low, (high - low) % step
+    else:
+        span = decimal.Decimal(str(high)) - decimal.Decimal(str(low))
+        try:
+            remainder = span % decimal.Decimal(str(step))
+        except decimal.DecimalException:  # a quotient of more than 28 digits
+            raise SpecError(f"{where}: (high - low) / step has more digits than Optuna reckons "
+                            f"with (28); use a larger step") from None
+    if remainder != 0:
+        raise SpecError(f"{where}: high - low ({shown(span) if kind == 'int' else span}) is not "
+                        f"a multiple of step "
+                        f"({shown(step)})")
+
+
 def _check_param(where: str, spec) -> dict:
     if not isinstance(spec, dict):
         raise SpecError(f"{where}: expected a table with type = float | int | categorical")
     kind = spec.get("type")
     if kind not in PARAM_TYPES:
-        raise SpecError(f"{where}: type must be one of {', '.join(PARAM_TYPES)}, got {kind!r}")
+        raise SpecError(f"{where}: type must be one of {', '.join(PARAM_TYPES)}, "
+                        f"got {shown(kind)}")
     allowed = {"float": {"type", "low", "high", "log", "step"},
                "int": {"type", "low", "high", "log", "step"},
                "categorical": {"type", "choices"}}[kind]
-    unknown = sorted(set(spec) - allowed)
+    unknown = sorted(map(str, set(spec) - allowed))
     if unknown:
-        raise SpecError(f"{where}: unknown key {unknown[0]!r} for type {kind!r} "
+        raise SpecError(f"{where}: unknown key {shown(unknown[0])} for type {kind!r} "
                         f"(allowed: {', '.join(sorted(allowed))})")
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise SpecError(f"{where}: choices must be a non-empty list")
+        # what Optuna can store (its CategoricalDistribution) and a setting can be
+        if not all(isinstance(c, (bool, int, float, str)) for c in choices):
+            raise SpecError(f"{where}: choices must be numbers, strings or booleans, got "
+                            f"{shown(choices)}")
         return spec
-    number = int if kind == "int" else (int, float)
     for key in ("low", "high"):
-        value = spec.get(key)
-        if not isinstance(value, number) or isinstance(value, bool):
-            raise SpecError(f"{where}: {key} must be {'an integer' if kind == 'int' else 'a number'}")
+        if not _is_number(spec.get(key), kind):
+            raise SpecError(f"{where}: {key} must be "
+                            f"{'an integer' if kind == 'int' else 'a finite number'}")
     if not spec["low"] <= spec["high"]:
-        raise SpecError(f"{where}: low ({spec['low']}) must not exceed high ({spec['high']})")
+        raise SpecError(f"{where}: low ({shown(spec['low'])}) must not exceed high "
+                        f"({shown(spec['high'])})")
+    if not isinstance(spec.get("log", False), bool):
+        raise SpecError(f"{where}: log must be true or false")
     if spec.get("log") and spec["low"] <= 0:
         raise SpecError(f"{where}: log = true needs low > 0")
     if spec.get("log") and spec.get("step") is not None:
         raise SpecError(f"{where}: log and step cannot be combined")
+    if "step" in spec:
+        step = spec["step"]
+        if not _is_number(step, kind) or step <= 0:
+            raise SpecError(f"{where}: step must be a positive "
+                            f"{'integer' if kind == 'int' else 'finite number'}, "
+                            f"got {shown(step)}")
+        _step_fits(spec, kind, where)
     return spec
+
+
+def distributions(optuna, space: "SearchSpace") -> dict:
+    """Each parameter's Optuna distribution (what its suggest_* builds), checked by Optuna, so
+    that what parse_space let through fails here, in one line, and not inside a trial."""
+    out = {}
+    for key, spec in space.params.items():
+        try:
+            if spec["type"] == "categorical":
+                out[key] = optuna.distributions.CategoricalDistribution(spec["choices"])
+            elif spec["type"] == "int":
+                out[key] = optuna.distributions.IntDistribution(
+                    spec["low"], spec["high"], log=spec.get("log", False),
+                    step=spec.get("step", 1))
+            else:
+                out[key] = optuna.distributions.FloatDistribution(
+                    float(spec["low"]), float(spec["high"]), log=spec.get("log", False),
+                    step=spec.get("step"))
+        except (ValueError, TypeError) as exc:
+            raise SpecError(f"{space.source}: [params.\"{key}\"]: {first_line(exc)}") from None
+    return out
 
 
 def parse_space(raw: dict, name: str, source: str) -> SearchSpace:
     """A SearchSpace from parsed TOML; every mistake is one SpecError naming `source`."""
     known = {"recipe", "objective", "description", "set", "params"}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(map(str, set(raw) - known))
     if unknown:
-        raise SpecError(f"{source}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(known))})")
-    if not isinstance(raw.get("recipe"), str):
+        raise SpecError(f"{source}: unknown key {shown(unknown[0])} "
+                        f"(allowed: {', '.join(sorted(known))})")
+    if not isinstance(raw.get("recipe"), str) or not raw["recipe"]:
         raise SpecError(f"{source}: recipe = \"...\" is required (the recipe or model to tune)")
     objective = raw.get("objective", "val_accuracy")
-    if objective not in OBJECTIVES:
+    if not isinstance(objective, str) or objective not in OBJECTIVES:
         raise SpecError(f"{source}: objective must be one of {', '.join(OBJECTIVES)}, "
-                        f"got {objective!r}")
+                        f"got {shown(objective)}")
+    if not isinstance(raw.get("description", ""), str):
+        raise SpecError(f"{source}: description must be a string")
     params = raw.get("params")
     if not isinstance(params, dict) or not params:
         raise SpecError(f"{source}: [params] must name at least one setting to search")
@@ -141,7 +214,7 @@ def parse_space(raw: dict, name: str, source: str) -> SearchSpace:
         raise SpecError(f"{source}: [set] must be a table of \"section.key\" = value")
     for key in list(fixed) + list(params):
         if "." not in key:
-            raise SpecError(f"{source}: {key!r}: name settings as \"section.key\", "
+            raise SpecError(f"{source}: {shown(key)}: name settings as \"section.key\", "
                             f"e.g. \"train.lr\"")
     both = sorted(set(fixed) & set(params))
     if both:
@@ -160,18 +233,27 @@ def load_space(name_or_path: str) -> SearchSpace:
     return space
 
 
-def check_space(space: SearchSpace):
+def check_space(space: SearchSpace, given=()):
     """Resolve the recipe with the fixed settings and each parameter's bounds or choices, so
     that an unknown setting or a value out of range fails before any training; the recipe's
-    config with the fixed settings alone."""
+    config with the fixed settings alone. `given`: the fixed settings that the caller's
+    options set ("section.key"); an error about one of them names that setting (the CLI shows
+    its flag), any other names the space's file."""
+    given = {setting_key(key) for key in given}
+    try:
+        recipe = load_config(space.recipe)
+        cfg = resolve_config(recipe, **space.fixed)
+    except UserError as exc:
+        if exc.setting is not None and exc.setting in given:
+            raise
+        raise SpecError(f"{space.source}: {exc}") from None
     for key, spec in space.params.items():
         values = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
         for value in values:
             try:
-                cfg = resolve_config(space.recipe, **{**space.fixed, key: value})
+                resolve_config(recipe, **{**space.fixed, key: value})
             except UserError as exc:
-                raise SpecError(f"{space.source}: {key} = {value!r}: {exc}") from None
-    cfg = resolve_config(space.recipe, **space.fixed)
+                raise SpecError(f"{space.source}: {key} = {shown(value)}: {exc}") from None
     if not cfg.data.validation_split:
         raise SpecError(f"{space.source}: recipe {space.recipe!r} has no validation split, and "
                         f"tuning must not judge by the test set; add \"data.validation_split\" "
@@ -216,22 +298,6 @@ class ReportToTrial:
 
 class _Diverged(Exception):
     """A trial whose loss became non-finite: Optuna records it as failed and goes on."""
-
-
-def _storage(optuna, storage: str | os.PathLike | None):
-    if storage is None:
-        return None
-    text = str(storage)
-    if "://" in text:  # an RDB URL (sqlite:///..., postgresql://...), as Optuna takes it
-        return text
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    try:
-        Path(text).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(text))
-    except OSError as exc:
-        raise UserError(fileio.describe_os_error(Path(text), exc)) from None
 
 
 def trials_csv(study, space: SearchSpace) -> str:
@@ -312,19 +378,6 @@ def _make_after_trial(space: SearchSpace, out_dir: Path, progress: bool):
     return after_trial
 
 
-def _create_study(optuna, space: SearchSpace, storage, study_name: str | None,
-                  seed: int | None, prune: bool):
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
-    return optuna.create_study(
-        study_name=study_name or space.name, storage=_storage(optuna, storage),
-        load_if_exists=True, direction=space.direction,
-        sampler=optuna.samplers.TPESampler(seed=seed if seed is not None or storage else 0),
-        # a trial is judged from its second epoch on (the first says little under a warm-up),
-        # against the trials before it at the same epoch, once three have finished
-        pruner=(optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
-                if prune else optuna.pruners.NopPruner()))
-
-
 def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float | None = None,
          out: str | os.PathLike | None = None, storage: str | os.PathLike | None = None,
          study_name: str | None = None, seed: int | None = None, prune: bool = True, data=None,
@@ -341,20 +394,26 @@ def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float 
     if trials is None and timeout is None:
         raise UserError("give the number of trials or a time limit in seconds, or both",
                         setting="trials")
-    if trials is not None and trials < 1:
-        raise UserError(f"the number of trials must be at least 1, got {trials}",
-                        setting="trials")
+    if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int)
+                               or trials < 1):
+        raise UserError(f"the number of trials must be an integer of at least 1, got "
+                        f"{shown(trials)}", setting="trials")
+    if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+        raise UserError(f"the time limit must be a positive number of seconds, got "
+                        f"{shown(timeout)}", setting="timeout")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed < 2**32):  # what numpy's generators take
+        raise UserError(f"the sampler's seed must be an integer in [0, 2**32), got "
+                        f"{shown(seed)}", setting="seed")
     if isinstance(space, str):
         space = load_space(space)
     space = replace(space, fixed={**space.fixed, **overrides})
-    base = check_space(space)
+    base = check_space(space, given=overrides)
+    wanted = distributions(optuna, space)
     out_dir = Path(out) if out else Path("runs") / f"tune-{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(fileio.describe_os_error(out_dir, exc), setting="out") from None
+    study = open_study(optuna, space, wanted, out_dir,
+                       dict(storage=storage, study_name=study_name, seed=seed, prune=prune))
     fileio.write_text(out_dir / "space.toml", _space_toml(space))
-    study = _create_study(optuna, space, storage, study_name, seed, prune)
     data = data_for(base, data)
     interrupted = False
     try:

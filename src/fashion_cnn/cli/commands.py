@@ -10,17 +10,31 @@ import tomllib
 from pathlib import Path
 
 from ..errors import UserError
+from . import printable
 
 
 def _parse_set(text: str) -> tuple[str, object]:
     """--set train.lr=0.01: the value is read as TOML (numbers, booleans, lists), else a string."""
+    from ..models.args import shown
+
     key, sep, value = text.partition("=")
     if not sep or "." not in key:
-        raise UserError(f"--set {text!r}: expected section.key=value, e.g. train.lr=0.01")
+        raise UserError(f"--set {shown(text)}: expected section.key=value, e.g. train.lr=0.01")
+    longest = 64 * 1024  # a setting's value is a number, a word, a path or a short list
+    if len(value) > longest:
+        raise UserError(f"--set {shown(key.strip())}=...: the value is {len(value)} "
+                        f"characters long (at most {longest})")
     try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
+        table = tomllib.loads(f"v = {value}")
+        # one value, not a value and then more TOML (a newline and "[data]", say)
+        parsed = table["v"] if list(table) == ["v"] else value
     except tomllib.TOMLDecodeError:
         parsed = value
+    except ValueError:  # an integer of more than 4300 digits, which Python does not read
+        raise UserError(f"--set {shown(key.strip())}=...: the value is an integer of more "
+                        f"digits than can be read") from None
+    except RecursionError:  # nested arrays deeper than Python's TOML parser goes
+        raise UserError(f"--set {shown(key.strip())}=...: the value is nested too deep") from None
     return key.strip(), parsed
 
 
@@ -211,24 +225,26 @@ def cmd_predict(args) -> int:
                             invert=args.invert, tta=args.tta, device=args.device)
     if args.save_inputs:
         written = save_inputs(results, args.save_inputs)
-        print(f"Wrote {len(written)} model inputs (28x28 PNG) to {args.save_inputs}",
+        print(f"Wrote {len(written)} model inputs (28x28 PNG) to {printable(args.save_inputs)}",
               file=sys.stderr)
     failed = [r for r in results if r.error is not None]
-    if args.json:
+    if args.json:  # JSON escapes every character a name may hold
         print(json.dumps([r.to_dict(args.top) for r in results], indent=2))
     else:
-        width = max([len("image")] + [len(r.path) for r in results if r.error is None])
+        # file names escaped: a newline or an escape sequence in one cannot forge a row
+        names = {id(r): printable(r.path) for r in results}
+        width = max([len("image")] + [len(names[id(r)]) for r in results if r.error is None])
         if len(failed) < len(results):
             print(f"{'image':<{width}}  {'prediction':<12} {'prob.':>6}  next")
         for r in results:
             if r.error is not None:
                 continue
             (name, p), rest = r.top(1)[0], r.top(args.top)[1:]
-            others = ", ".join(f"{n} {q:.3f}" for n, q in rest)
-            print(f"{r.path:<{width}}  {name:<12} {p:6.3f}  {others}"
+            others = ", ".join(f"{printable(n)} {q:.3f}" for n, q in rest)
+            print(f"{names[id(r)]:<{width}}  {printable(name):<12} {p:6.3f}  {others}"
                   + ("  (inverted)" if r.inverted else ""))
     for r in failed:
-        print(f"fashion-cnn: error: {r.error}", file=sys.stderr)
+        print(f"fashion-cnn: error: {printable(r.error)}", file=sys.stderr)
     return 2 if failed else 0
 
 

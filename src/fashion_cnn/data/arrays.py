@@ -7,16 +7,26 @@ into training, validation (the LAST fraction, as Keras) and test.
 
 Images are (N, H, W) for one channel and (N, H, W, 3) for colour, as Pillow and matplotlib
 hold them; tensors are (N, C, H, W).
+
+A dataset decoded from files is cached as `.npy` arrays beside a manifest.json that records
+the source files' SHA-256 (`known_sha256`) and each array's check (`array_checksum`); the
+helpers at the end of this file read and write such a cache.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import stat
+import time
+import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import fileio
 from ..errors import DataError
 
 SCALINGS = ("fixed", "mean_std")  # [data] normalize: x/128 - 0.5 | (x/255 - mean) / std
@@ -234,3 +244,109 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.nda
             count = 0
         mask[rng.permutation(members)[:count]] = True
     return mask
+
+
+# ----------------------------------------------------------------------------- the cache
+
+# A file keeps the SHA-256 the cache recorded for it while its stamp is unchanged: os.stat's
+# device, inode, size, modification and change times. The change time (ctime) moves on every
+# write and cannot be set back (os.utime sets only the access and modification times), so a
+# file rewritten in place with its old mtime restored gets a new stamp and is hashed again. A
+# file changed within SETTLE_NS before it is stamped could change again within the same
+# timestamp tick (a second on some file systems) without its stamp moving: its stamp is not
+# recorded, and the next load hashes it again (git treats "racily clean" files the same way).
+SETTLE_NS = 2 * 10**9
+
+
+def file_stamp(path: str | os.PathLike) -> list[int] | None:
+    """os.stat's (device, inode, size, mtime_ns, ctime_ns) of a regular file, as the cache
+    records it; None for anything else, or for a file changed within SETTLE_NS."""
+    now = time.time_ns()
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISREG(st.st_mode) or max(st.st_mtime_ns, st.st_ctime_ns) > now - SETTLE_NS:
+        return None
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def known_sha256(path: str | os.PathLike, recorded, what: str) -> dict:
+    """{"stamp": file_stamp, "sha256": hex digest} of the file at `path`: the digest in
+    `recorded` (such a dict, from a cache's manifest) when the file's stamp is still the one
+    recorded with it, without reading a byte; else read and hashed (stamped before it is read,
+    so that a change while it is read moves the stamp). DataError names the file when it
+    cannot be read; a FIFO never blocks.
+
+    >>> known_sha256("train-images-idx3-ubyte.gz", None, "an IDX file")   # doctest: +SKIP
+    {'stamp': [64769, 1311, 26421880, ...], 'sha256': '3aede38d...'}
+    """
+    stamp = file_stamp(path)
+    if (stamp is not None and isinstance(recorded, dict) and recorded.get("stamp") == stamp
+            and isinstance(recorded.get("sha256"), str)):
+        return {"stamp": stamp, "sha256": recorded["sha256"]}
+    return {"stamp": stamp, "sha256": fileio.sha256_file(path, what=what, error=DataError)}
+
+
+def array_checksum(array: np.ndarray) -> str:
+    """A cached array's check: its dtype, shape and the CRC-32 of its bytes. CRC-32 (not a
+    cryptographic hash, and cheaper) is enough for damage: whoever could forge a cache file
+    could rewrite its manifest too."""
+    crc = zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    return f"{array.dtype.str}{list(array.shape)}:{crc:08x}"
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """A cached .npy array, never unpickled; OSError or ValueError when it cannot be used."""
+    with fileio.open_regular_file(path, "a cached array", DataError) as handle:
+        return np.load(handle, allow_pickle=False)
+
+
+def load_cached_arrays(cache_dir: Path, recorded: dict) -> tuple[dict, dict] | None:
+    """The arrays a cache's manifest lists ({name: {"check": array_checksum, "stamp":
+    file_stamp}}) and their entries as they should now be recorded; None when one is damaged.
+    An array whose file has the stamp recorded with it is checked for its dtype and shape
+    only; another (rewritten, or stamped too soon after it was written) is checked by CRC-32."""
+    arrays, entries = {}, {}
+    for key, entry in recorded.items():
+        path = cache_dir / f"{key}.npy"
+        stamp = file_stamp(path)
+        array = load_npy(path)
+        check = entry["check"]
+        if stamp is not None and stamp == entry.get("stamp"):
+            ok = check.startswith(f"{array.dtype.str}{list(array.shape)}:")
+        else:
+            ok = array_checksum(array) == check
+        if not ok:
+            return None
+        arrays[key], entries[key] = array, {"check": check, "stamp": stamp}
+    return arrays, entries
+
+
+def save_cached_arrays(cache_dir: Path, arrays: dict) -> dict:
+    """Write each array as cache_dir/<name>.npy; the manifest's entries for them."""
+    entries = {}
+    for key, array in arrays.items():
+        path = cache_dir / f"{key}.npy"
+        fileio.write_with(path, lambda tmp, a=array: np.save(open(tmp, "wb"), a))
+        entries[key] = {"check": array_checksum(array), "stamp": file_stamp(path)}
+    return entries
+
+
+def read_manifest(cache_dir: Path, cache_format: int) -> dict | None:
+    """A cache's manifest.json when it is of `cache_format`; else None."""
+    try:
+        manifest = json.loads((cache_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == cache_format \
+        else None
+
+
+def write_manifest(cache_dir: Path, manifest: dict) -> None:
+    """Write a cache's manifest.json, last (it marks the set complete); a failure to write
+    costs the cache only."""
+    try:
+        fileio.write_json(cache_dir / "manifest.json", manifest)
+    except Exception:
+        pass  # the cache is an optimisation; a read-only home must not stop training

@@ -13,7 +13,9 @@ each class is held out as the test set; the same files and settings hold out the
 
 from __future__ import annotations
 
-import hashlib
+import math
+import os
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import numpy as np
 from .. import fileio
 from ..errors import DataError
 from .arrays import ImageData, check_arrays, stratified_holdout
-from .fashion_mnist import load_data, parse_idx, unzip_idx
+from .fashion_mnist import check_declared_size, load_data, read_idx
 from .folders import load_image_folder
 from .images import FITS, conform
 
@@ -49,6 +51,10 @@ KNOWN_IDX = {
 CHECKSUM_FILES = ("SHA256SUMS", "sha256sums.txt", "MD5SUMS", "md5sums.txt", "checksums.txt")
 
 
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def _read_class_names(path: Path) -> list[str]:
     try:
         names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
@@ -66,7 +72,7 @@ def _idx_file(directory: Path, key: str) -> Path | None:
     found = []
     for stem in IDX_PARTS[key]:
         found += [p for p in directory.iterdir()
-                  if p.is_file() and p.name.endswith((stem, stem + ".gz"))]
+                  if not p.is_dir() and p.name.endswith((stem, stem + ".gz"))]
     if len(found) > 1:
         raise DataError(f"{directory}: several files could be the {key.replace('_', ' ')} "
                         f"({', '.join(sorted(p.name for p in found))}); keep one set per folder",
@@ -101,25 +107,20 @@ def load_idx_folder(directory: Path) -> ImageData:
             raise DataError(f"{directory}: no {IDX_PARTS[key][0]}[.gz] file (an IDX dataset "
                             f"needs train and t10k images and labels)", setting="data.dataset")
         paths[key] = path
-    stored, arrays = {}, {}
+    arrays, stored = {}, {}
     for key, path in paths.items():
-        try:
-            stored[key] = path.read_bytes()
-        except OSError as exc:
-            raise DataError(fileio.describe_os_error(path, exc)) from None
-        raw = unzip_idx(stored[key], path, fix_hint="replace the file")
-        arrays[key] = parse_idx(raw, path, 3 if key.endswith("images") else 1, image_size=None,
-                                fix_hint="replace the file")
+        idx = read_idx(path, 3 if key.endswith("images") else 1, image_size=None,
+                       fix_hint="replace the file", stored_digests=("md5", "sha256"))
+        arrays[key], stored[key] = idx.array, idx.stored
     given = _user_checksums(directory)
     for key, path in paths.items():
         if path.name in given:
             expected = given[path.name]
-            algo = hashlib.md5 if len(expected) == 32 else hashlib.sha256
-            if algo(stored[key]).hexdigest() != expected:
+            if stored[key]["md5" if len(expected) == 32 else "sha256"] != expected:
                 raise DataError(f"{path}: checksum mismatch with the list beside it; "
                                 f"replace the file")
     name, class_names = "idx", None
-    digests = {key: hashlib.md5(raw).hexdigest() for key, raw in stored.items()}
+    digests = {key: sums["md5"] for key, sums in stored.items()}
     for known, (sums, names) in KNOWN_IDX.items():
         matching = [key for key in sums if digests[key] == sums[key]]
         if matching and len(matching) < len(sums):
@@ -142,14 +143,75 @@ def load_idx_folder(directory: Path) -> ImageData:
 
 # ----------------------------------------------------------------------------- .npz
 
+NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+# Without class names, the classes are 0..largest label: a bound keeps that list (and a
+# model's last layer) finite when a label is absurd. ImageNet-21k has about 21,800 classes.
+MAX_CLASSES = 100_000
+_NPZ_HINT = "write it with numpy.savez or numpy.savez_compressed"
+
+
+def _check_npz_members(handle, path: Path) -> None:
+    """Refuse, before numpy allocates anything, what an .npz's own headers show to be wrong:
+    a member that would inflate past what DEFLATE can give, an array announcing more bytes
+    than its member holds, an object (pickled) array, all arrays together beyond memory."""
+    total, archive_size = 0, os.fstat(handle.fileno()).st_size
+    with zipfile.ZipFile(handle) as archive:
+        for info in archive.infolist():
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise DataError(f"{path}: member {info.filename} is compressed with zip method "
+                                f"{info.compress_type}; {_NPZ_HINT}")
+            stored = info.compress_type == zipfile.ZIP_STORED
+            if info.compress_size > archive_size or (stored and
+                                                     info.file_size != info.compress_size):
+                raise DataError(f"{path}: member {info.filename} announces {info.file_size:,} "
+                                f"bytes, which its {info.compress_size:,} stored bytes in a "
+                                f"{archive_size:,}-byte file cannot be; {_NPZ_HINT}")
+            check_declared_size(path, info.file_size, info.compress_size, not stored,
+                                f"member {info.filename} announces", _NPZ_HINT)
+            with archive.open(info) as member:
+                if member.read(6) != b"\x93NUMPY":
+                    continue  # not an array: never read (load_npz reads the arrays it needs)
+                member.seek(0)
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(member)
+            if dtype.hasobject:
+                raise DataError(f"{path}: {info.filename} holds Python objects, which are never "
+                                f"unpickled; store numbers (uint8 images, integer labels)")
+            size = math.prod(shape) * dtype.itemsize
+            if size > info.file_size:
+                raise DataError(f"{path}: {info.filename} announces shape {tuple(shape)} of "
+                                f"{dtype} ({size:,} bytes) but holds {info.file_size:,} bytes; "
+                                f"{_NPZ_HINT}")
+            total += size
+    check_declared_size(path, total, total, False, "its arrays announce", _NPZ_HINT)
+
+
 def load_npz(path: Path) -> ImageData:
     """x_train, y_train, x_test, y_test (uint8 images (N, H, W[, C]), integer labels) and an
-    optional class_names array, read without unpickling anything."""
+    optional class_names array, read without unpickling anything; headers that announce more
+    than the file can hold are refused before anything is allocated."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, zlib.error, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+        with fileio.open_regular_file(path, "an .npz dataset", DataError) as handle:
+            if handle.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):
+                raise DataError(f"{path}: not an .npz file (not a zip archive); {_NPZ_HINT}")
+            handle.seek(0)
+            _check_npz_members(handle, path)
+            handle.seek(0)
+            with np.load(handle, allow_pickle=False) as npz:
+                wanted = [key for key in (*NPZ_ARRAYS, "class_names") if key in npz.files]
+                arrays = {key: npz[key] for key in wanted}
+    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile, RuntimeError,
+            NotImplementedError) as exc:
+        # zipfile and numpy's format reader raise all these on a damaged archive
+        raise DataError(f"{path}: not a readable .npz file ({_first_line(exc)})") from None
+    except MemoryError:  # under a memory limit (ulimit -v, a container's)
+        raise DataError(f"{path}: its arrays need more memory than this process may take") \
+            from None
+    not_arrays = [key for key, value in arrays.items() if not isinstance(value, np.ndarray)]
+    if not_arrays:
+        raise DataError(f"{path}: {not_arrays[0]} is not a numpy array (.npy) member; {_NPZ_HINT}")
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise DataError(f"{path}: no array {missing[0]!r} (an .npz dataset holds x_train, "
@@ -168,8 +230,16 @@ def load_npz(path: Path) -> ImageData:
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
             raise DataError(f"{path}: y_{part} must be integer class indices (N,), got "
                             f"{y.dtype} {y.shape}")
+        if "class_names" not in arrays and y.size and int(y.max()) >= MAX_CLASSES:
+            raise DataError(f"{path}: y_{part} holds label {int(y.max())}; without a class_names "
+                            f"array labels must be below {MAX_CLASSES:,}")
         out[f"{part}_images"], out[f"{part}_labels"] = x, y.astype(np.int64)
-    names = [str(n) for n in arrays["class_names"].tolist()] if "class_names" in arrays else None
+    names = None
+    if "class_names" in arrays:
+        if arrays["class_names"].ndim != 1:
+            raise DataError(f"{path}: class_names must be one name per class (N,), got shape "
+                            f"{arrays['class_names'].shape}")
+        names = [str(n) for n in arrays["class_names"].tolist()]
     # open_dataset checks the arrays (check_arrays)
     return ImageData(**out, source=path, verified_md5=False, class_names=names, name="npz")
 
@@ -185,12 +255,16 @@ def dataset_kind(dataset: str) -> str:
         raise DataError(f"{dataset}: no such dataset (give fashion-mnist, a folder of images "
                         f"by class, a folder of IDX files or an .npz file)",
                         setting="data.dataset")
-    if path.is_file():
-        if path.suffix.lower() == ".npz":
-            return "npz"
-        raise DataError(f"{dataset}: a dataset file must be an .npz (x_train, y_train, "
-                        f"x_test, y_test)", setting="data.dataset")
-    return "idx" if is_idx_folder(path) else "image-folder"
+    if path.is_dir():
+        return "idx" if is_idx_folder(path) else "image-folder"
+    kind = fileio.special_file_kind(path.stat().st_mode)
+    if kind is not None:  # a FIFO would block whoever opened it
+        raise DataError(f"{dataset}: is {kind}, not a regular file (expected a folder or an "
+                        f".npz file)", setting="data.dataset")
+    if path.suffix.lower() == ".npz":
+        return "npz"
+    raise DataError(f"{dataset}: a dataset file must be an .npz (x_train, y_train, "
+                    f"x_test, y_test)", setting="data.dataset")
 
 
 def open_dataset(dataset: str = "fashion-mnist", *, data_dir: str = "", image_size: int = 0,

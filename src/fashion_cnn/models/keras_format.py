@@ -36,10 +36,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import fileio
 from ..errors import CheckpointError, SpecError, UserError, require_module
 from .build import KerasSequential, build_model
 from .layers import LayerSpec
-from .spec import ModelSpec, parse_spec
+from .spec import ModelSpec, check_memory, parse_spec
 from .keras_config import config_names, config_types, snake_name, keras_to_spec
 from .zoo import get_model_spec
 
@@ -190,8 +191,9 @@ def _open_keras(path: Path) -> Iterator[tuple[dict | None, _Weights]]:
         hint = (" (a TensorFlow SavedModel: load it in Keras and save it with "
                 "model.save('model.keras'))" if (path / "saved_model.pb").exists() else "")
         raise CheckpointError(f"{path}: is a directory, not a Keras file{hint}")
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: file not found")
+    fileio.require_regular_file(path, "a Keras file", CheckpointError)  # a FIFO never blocks
     try:
         config, h5, layout, root = _open(path, h5py)
     except (OSError, ValueError, KeyError, RecursionError, zipfile.BadZipFile,
@@ -356,6 +358,7 @@ def load_keras(path: str | os.PathLike, *, weights_only: bool = False,
             spec = keras_to_spec(config, name, source=str(path))
             keras_types = config_types(config)
             keras_names = config_names(config)
+        check_memory(spec, training=False)  # before anything is allocated
         net = build_model(spec, seed=0)
         _fill(net, weights, keras_types, keras_names)
     return net.eval()

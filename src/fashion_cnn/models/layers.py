@@ -20,7 +20,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..errors import SpecError
-from .args import REQUIRED, coerce
+from .args import REQUIRED, coerce, shown
 from .modules import (Dropout, Flatten, KerasConv2d, KerasDense, Residual, SeparableConv2d,
                       activation_module, keras_init)
 
@@ -84,17 +84,24 @@ def conv_out(size: int, kernel: int, stride: int, padding: str) -> int:
 
 # ------------------------------------------------------------------------------ making layers
 
-def make_layer(raw: Any, where: str) -> LayerSpec:
+# Residual blocks inside Residual blocks, at most: deeper nesting is a mistake, and every
+# walk over the layers (validation, names, the builder) recurses once per level.
+MAX_NESTING = 16
+
+
+def make_layer(raw: Any, where: str, depth: int = 0) -> LayerSpec:
     """A LayerSpec from one [[layers]] table: type known, arguments checked and defaulted."""
     if not isinstance(raw, dict) or "type" not in raw:
         raise SpecError(f"{where}: each layer needs a 'type', e.g. type = \"Conv2D\"")
     kind = raw["type"]
-    if kind not in REGISTRY:
-        raise SpecError(f"{where}: unknown layer type {kind!r}; known: {', '.join(REGISTRY)}")
+    if not isinstance(kind, str) or kind not in REGISTRY:
+        raise SpecError(f"{where}: unknown layer type {shown(kind)}; known: {', '.join(REGISTRY)}")
+    if depth > MAX_NESTING:
+        raise SpecError(f"{where}: Residual blocks nested more than {MAX_NESTING} deep")
     schema = REGISTRY[kind].args
     unknown = [key for key in raw if key not in schema and key not in ("type", "name")]
     if unknown:
-        raise SpecError(f"{where} ({kind}): unknown argument {unknown[0]!r}; "
+        raise SpecError(f"{where} ({kind}): unknown argument {shown(unknown[0])}; "
                         f"{kind} takes {', '.join(schema) or 'no arguments'}")
     args = {}
     for key, (default, kind_of_arg) in schema.items():
@@ -107,9 +114,16 @@ def make_layer(raw: Any, where: str) -> LayerSpec:
             args[key] = coerce(kind_of_arg, raw[key])
         except ValueError as exc:
             raise SpecError(f"{where} ({kind}): argument {key!r}: {exc}") from None
-    layer = LayerSpec(type=kind, args=args, name=str(raw.get("name", "")))
+    if args.get("use_bias") is False and args.get("bias_regularizer") is not None:
+        # no bias to regularize: Keras ignores the argument, and so does this spec
+        args["bias_regularizer"] = None
+    name = raw.get("name", "")
+    if not isinstance(name, str) or not (name.isprintable() and len(name) <= 200):
+        raise SpecError(f"{where} ({kind}): name must be a one-line string of at most 200 "
+                        f"characters, got {shown(name)}")
+    layer = LayerSpec(type=kind, args=args, name=name)
     if kind == "Residual":
-        layer.children = [make_layer(child, f"{where} inner layer {i}")
+        layer.children = [make_layer(child, f"{where} inner layer {i}", depth + 1)
                           for i, child in enumerate(args["layers"])]
     return layer
 

@@ -19,12 +19,22 @@ A spec is data (a TOML file or a dict), never code:
 from __future__ import annotations
 
 import copy
+import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SpecError
-from .args import Regularizer
+from ..perf import machine_memory_bytes
+from .args import MAX_DIMENSION, Regularizer, shown
 from .layers import REGISTRY, LayerSpec, fmt_shape, infer_all, make_layer, window_of
+
+MEMORY_BUDGET_ENV = "FASHION_CNN_MEMORY_BUDGET_GB"  # gigabytes (10**9 bytes) a model may need
+BYTES_PER_VALUE = 4  # float32: weights, and activations (bf16 autocast keeps fp32 weights)
+# Each parameter is held four times in training: the weight, its gradient and Adam's two moments.
+COPIES_PER_PARAMETER = 4
+# Each activation is kept for the backward pass, which makes its gradient and a temporary.
+COPIES_PER_ACTIVATION = 3
 
 @dataclass
 class ModelSpec:
@@ -102,9 +112,15 @@ class ModelSpec:
 
 def _layer_to_data(layer: LayerSpec) -> dict:
     out: dict[str, Any] = {"type": layer.type}
+    schema = REGISTRY[layer.type].args
     for key, value in layer.args.items():
         if value is None:
-            continue
+            default, kind = schema[key]
+            if kind != "activation" or default is None:
+                continue
+            # no activation where the default has one (Activation, Residual): say "linear",
+            # which reads back as None, where leaving it out would read back as the default
+            value = "linear"
         if isinstance(value, Regularizer):
             value = str(value)
         elif key == "layers":
@@ -121,13 +137,20 @@ def parse_spec(raw: dict, default_name: str = "model") -> ModelSpec:
         raise SpecError("a model spec must be a table with 'input_shape' and 'layers'")
     unknown = set(raw) - {"name", "description", "input_shape", "layers"}
     if unknown:
-        raise SpecError(f"model spec: unknown key {sorted(unknown)[0]!r}; "
+        raise SpecError(f"model spec: unknown key {shown(sorted(map(str, unknown))[0])}; "
                         f"expected name, description, input_shape, layers")
-    name = str(raw.get("name", default_name))
+    name = raw.get("name", default_name)
+    if not is_plain_name(name):
+        raise SpecError(f"model spec: name must be a one-line name of at most 200 characters, "
+                        f"without / or \\, got {shown(name)}")
+    if not isinstance(raw.get("description", ""), str):
+        raise SpecError(f"model {name!r}: description must be a string")
     shape = raw.get("input_shape", [28, 28, 1])
     if (not isinstance(shape, (list, tuple)) or len(shape) != 3
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
-        raise SpecError(f"model {name!r}: input_shape must be [height, width, channels], got {shape!r}")
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_DIMENSION
+                       for s in shape)):
+        raise SpecError(f"model {name!r}: input_shape must be [height, width, channels] of "
+                        f"positive integers, got {shown(shape)}")
     layers_raw = raw.get("layers")
     if not isinstance(layers_raw, list) or not layers_raw:
         raise SpecError(f"model {name!r}: 'layers' must be a non-empty list ([[layers]] tables)")
@@ -145,8 +168,16 @@ def parse_spec(raw: dict, default_name: str = "model") -> ModelSpec:
         raise SpecError(f"model {name!r}: the last layer must output class scores, "
                         f"(None, n_classes), but gives {fmt_shape(last.output_shape)}")
     _assign_names(layers)
+    # No memory check here: a spec is data, and printing or storing a large one needs none;
+    # the model's memory is checked where it is built (check_memory).
     return ModelSpec(name=name, input_shape=tuple(shape), layers=layers,
-                     description=str(raw.get("description", "")), output=output)
+                     description=raw.get("description", ""), output=output)
+
+
+def is_plain_name(name: Any) -> bool:
+    """A name that can be part of a file name (a run directory's): one line, no separators."""
+    return (isinstance(name, str) and 0 < len(name) <= 200 and name.isprintable()
+            and "/" not in name and "\\" not in name and not name.startswith("."))
 
 
 def adapt_spec(spec: ModelSpec, side: int, channels: int, num_classes: int,
@@ -228,3 +259,110 @@ def train_flops_per_image(spec: ModelSpec, whole_input: bool = False) -> int:
     whole input, that of the model as declared (as Keras computes it).
     """
     return 3 * (spec.flops if whole_input else spec.read_flops)
+
+
+# ------------------------------------------------------------------------------ memory
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What training (or only evaluating) a spec needs, roughly, in bytes: enough to refuse a
+    model that cannot fit before anything is allocated, not a prediction of the peak."""
+
+    parameters: int       # the parameter count
+    parameter_bytes: int  # weights; in training also their gradients and Adam's moments
+    activation_bytes: int  # a training batch's activations and their gradients, or an
+                           # evaluation batch's largest layer, whichever is more
+    training: bool = True
+
+    @property
+    def total_bytes(self) -> int:
+        return self.parameter_bytes + self.activation_bytes
+
+
+def _activation_values(layers: list[LayerSpec]) -> tuple[int, int]:
+    """(sum, largest) of the layers' output sizes for one image, inner layers included."""
+    total = largest = 0
+    for layer in layers:
+        size = math.prod(layer.output_shape)
+        inner_total, inner_largest = _activation_values(layer.children + layer.shortcut)
+        total += size + inner_total
+        largest = max(largest, size, inner_largest)
+    return total, largest
+
+
+def memory_estimate(spec: ModelSpec, batch_size: int = 1, eval_batch_size: int = 1,
+                    training: bool = True) -> MemoryEstimate:
+    """Memory to train `spec` with Adam on batches of `batch_size` images (and to evaluate it
+    on batches of `eval_batch_size`), from the shapes the spec declares; with `training`
+    False, to evaluate it only (the weights and an evaluation batch).
+
+    >>> from fashion_cnn.models.zoo import get_model_spec
+    >>> memory_estimate(get_model_spec("model1"), 128).total_bytes // 10**6  # megabytes
+    60
+    """
+    values, largest = _activation_values(spec.layers)
+    values += math.prod(spec.input_shape)
+    training_values = values * COPIES_PER_ACTIVATION * batch_size if training else 0
+    # without gradients, a layer's input and output are all that is alive at once
+    evaluation = 2 * largest * eval_batch_size
+    copies = COPIES_PER_PARAMETER if training else 1
+    return MemoryEstimate(
+        parameters=spec.total_params,
+        parameter_bytes=spec.total_params * copies * BYTES_PER_VALUE,
+        activation_bytes=max(training_values, evaluation) * BYTES_PER_VALUE,
+        training=training)
+
+
+# Where the machine's memory cannot be read, a budget that any machine that trains fits.
+FALLBACK_BUDGET_BYTES = 8 * 10**9
+
+
+def memory_budget() -> tuple[int, str]:
+    """(bytes, where from): FASHION_CNN_MEMORY_BUDGET_GB where set, else half the memory this
+    process may use (perf.machine_memory_bytes: the machine's, or its container's limit)."""
+    text = os.environ.get(MEMORY_BUDGET_ENV, "").strip()
+    if text:
+        try:
+            gigabytes = float(text)
+        except ValueError:
+            gigabytes = math.nan
+        if not (math.isfinite(gigabytes) and gigabytes > 0):
+            raise SpecError(f"{MEMORY_BUDGET_ENV}={shown(text)}: expected a positive number "
+                            f"of gigabytes")
+        return int(gigabytes * 10**9), f"{MEMORY_BUDGET_ENV}={text}"
+    total = machine_memory_bytes()
+    if total is None:
+        return FALLBACK_BUDGET_BYTES, "the default where the machine's memory is unknown"
+    return total // 2, f"half of this machine's {_gigabytes(total)}"
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 10**9:,.1f} GB"
+
+
+def check_memory(spec: ModelSpec, batch_size: int = 1, eval_batch_size: int = 1, *,
+                 training: bool = True) -> MemoryEstimate:
+    """The memory estimate (memory_estimate); SpecError in one line, naming the model and how
+    to raise the budget, where it exceeds the budget (memory_budget). Called where a model is
+    built: the Trainer (training), and a run's reload (evaluating only).
+
+    >>> from fashion_cnn.models.zoo import get_model_spec
+    >>> check_memory(get_model_spec("model1"), 128).parameters
+    93322
+    """
+    estimate = memory_estimate(spec, batch_size, eval_batch_size, training)
+    budget, source = memory_budget()
+    if estimate.total_bytes > budget:
+        if training:
+            what = f"train on batches of {batch_size}"
+            weights = "with gradients and Adam's moments"
+        else:
+            what = f"evaluate on batches of {eval_batch_size}"
+            weights = "weights"
+        raise SpecError(
+            f"model {spec.name!r} needs about {_gigabytes(estimate.total_bytes)} to {what} "
+            f"({estimate.parameters:,} parameters: {_gigabytes(estimate.parameter_bytes)} "
+            f"{weights}; activations: {_gigabytes(estimate.activation_bytes)}), more than the "
+            f"memory budget of {_gigabytes(budget)} ({source}); make the model or the batch "
+            f"smaller, or set {MEMORY_BUDGET_ENV} to raise the budget")
+    return estimate

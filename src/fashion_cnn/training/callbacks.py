@@ -7,11 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import CheckpointError, UserError
 from .checkpoint import (load_weights, read_checkpoint_meta, remove_checkpoint, save_checkpoint,
                          scan_checkpoints)
-from ..errors import CheckpointError, SpecError, UserError
+from .names import check_checkpoint_pattern, checkpoint_name
 from .rundir import WEIGHTS_FILE, RunDir
-
 
 
 def monitor_mode(monitor: str) -> str:
@@ -96,7 +96,12 @@ class ProgressBar:
 def check_options(cfg) -> None:
     """Refuse checkpoint settings that cannot work, before a run directory is made."""
     c = cfg.checkpoint
-    ModelCheckpoint(Path("."), c.every, c.filename)  # validates the name pattern
+    validation_fields = sorted(f for f in check_checkpoint_pattern(c.filename)
+                               if f.startswith("val_"))
+    if validation_fields and cfg.data.validation_split == 0:
+        raise UserError(f"checkpoint.filename {c.filename!r} uses {{{validation_fields[0]}}}, "
+                        f"but there is no validation split (set data.validation_split above 0)",
+                        setting="checkpoint.filename")
     if c.monitor.startswith("val_") and cfg.data.validation_split == 0:
         for wanted, key in ((c.save_best_only, "checkpoint.save_best_only"),
                             (c.early_stopping, "checkpoint.early_stopping"),
@@ -120,8 +125,10 @@ def _needs_validation(trainer, monitor: str, what: str) -> None:
 class ModelCheckpoint:
     """Keras' ModelCheckpoint with the full training state, and a `best` checkpoint alongside.
 
-    Writes `checkpoints/<filename with {epoch} counting from 1>` every `every` epochs, or only
-    when `monitor` improves with save_best_only; keeps the newest `keep_last` of those (0 = all);
+    Writes `checkpoints/<filename>` every `every` epochs, or only when `monitor` improves with
+    save_best_only; the name is filled as Keras fills its file path ({epoch} counting from 1,
+    the epoch's logs, format specs: "model1_{epoch:02d}", "{epoch:02d}-{val_loss:.2f}"; see
+    names.checkpoint_name); keeps the newest `keep_last` of those (0 = all);
     maintains `checkpoints/best` when `keep_best`. On SIGINT/SIGTERM (on_interrupt) it writes
     `checkpoints/interrupted_e<epoch>_b<batch>`, removed once a later epoch checkpoint exists.
     """
@@ -132,18 +139,12 @@ class ModelCheckpoint:
         self.every, self.filename, self.save_best_only = every, filename, save_best_only
         self.monitor, self.mode, self.keep_last = monitor, monitor_mode(monitor), keep_last
         self.min_delta, self.keep_best = min_delta, keep_best
-        try:
-            name = filename.format(epoch=1)
-        except (KeyError, IndexError, ValueError) as exc:
-            raise SpecError(f"[checkpoint] filename {filename!r}: only {{epoch}} may be "
-                            f"filled in ({type(exc).__name__}: {exc})") from None
-        if name == "best" or name.startswith(("interrupted_", ".")) or "/" in name:
-            raise SpecError(f"[checkpoint] filename {filename!r}: 'best', 'interrupted_...' and "
-                            f"hidden names are taken")
+        check_checkpoint_pattern(filename)
 
-    def path_for(self, epoch: int) -> Path:
-        """The checkpoint for 1-based `epoch`: "model1_{epoch}" -> checkpoints/model1_3."""
-        return self.root / self.filename.format(epoch=epoch)
+    def path_for(self, epoch: int, logs: dict | None = None) -> Path:
+        """The checkpoint for 1-based `epoch` and its logs: "model1_{epoch}" ->
+        checkpoints/model1_3; "{epoch:02d}-{val_loss:.2f}" -> checkpoints/03-0.31."""
+        return self.root / checkpoint_name(self.filename, epoch, logs)
 
     def on_train_begin(self, trainer):
         if self.save_best_only:
@@ -155,7 +156,7 @@ class ModelCheckpoint:
         # the one `best` holds, so it equals what the uninterrupted run wrote.
         s = trainer.state
         if s.epoch and s.batch_in_epoch == 0 and self._is_best_and_due(s.history)[1]:
-            path = self.path_for(s.epoch)
+            path = self.path_for(s.epoch, s.history[-1])
             try:
                 meta = read_checkpoint_meta(path)
                 intact = (meta["epoch"], meta["step"]) == (s.epoch, s.step)
@@ -181,7 +182,8 @@ class ModelCheckpoint:
         if is_best and self.keep_best:
             trainer.last_checkpoint = save_checkpoint(trainer, self.root / "best", kind="best")
         if due:
-            trainer.last_checkpoint = save_checkpoint(trainer, self.path_for(epoch + 1), kind="epoch")
+            trainer.last_checkpoint = save_checkpoint(trainer, self.path_for(epoch + 1, logs),
+                                                      kind="epoch")
             self._prune()
 
     def on_interrupt(self, trainer):

@@ -8,7 +8,8 @@ A checkpoint is a directory `RUN_DIR/checkpoints/<name>/` holding
                       checksum of state.json's own content
 It is written into a hidden temporary directory, each file fsynced, then renamed into place in
 one step, so a crash never leaves a partial checkpoint under a checkpoint's name. Nothing here
-uses pickle: safetensors and JSON only, and every value read back is type-checked.
+uses pickle: safetensors and JSON only, and every value read back is type-checked (state.json
+by checkpoint_meta.py).
 
 Kinds: "epoch" (end of an epoch, named by the {epoch} pattern), "best" (the epoch with the best
 monitored value so far), "interrupt" (written mid-epoch on SIGINT/SIGTERM).
@@ -17,7 +18,6 @@ monitored value so far), "interrupt" (written mid-epoch on SIGINT/SIGTERM).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -33,13 +33,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import devices, fileio
-from ..errors import CheckpointError, UserError
+from ..errors import CheckpointError, UserError, first_line
 from . import distributed
+from .checkpoint_meta import (FORMAT, TENSOR_FILES, check_optimizer_state, meta_checksum,
+                              read_checkpoint_meta)
 from .rundir import STATE_FILE, STATE_TENSORS_FILE, WEIGHTS_FILE, RunDir
 
-FORMAT = 1
-TENSOR_FILES = (WEIGHTS_FILE, STATE_TENSORS_FILE)
-KINDS = ("epoch", "best", "interrupt")
 # Hidden leftovers of an interrupted write or removal inside checkpoints/ (see _replace_dir).
 _OLD_SUFFIX, _TMP_SUFFIX, _DELETED_SUFFIX = ".old", ".tmp", ".deleted"
 
@@ -83,30 +82,84 @@ def _save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> No
         raise OSError(code, os.strerror(code)) from None
 
 
-def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Atomically write the model's weights and buffers as safetensors."""
+def save_weights(model: torch.nn.Module, path: str | os.PathLike,
+                 metadata: dict | None = None) -> str:
+    """Atomically write the model's weights and buffers as safetensors; the SHA-256 of the
+    file written."""
     meta = {k: str(v) for k, v in (metadata or {}).items()}
-    fileio.write_with(path, lambda tmp: _save_tensors(model_tensors(model), tmp, meta))
+    digest = []
+
+    def write(tmp: Path) -> None:
+        _save_tensors(model_tensors(model), tmp, meta)
+        digest.append(fileio.sha256_file(tmp))  # of the very bytes renamed into place
+
+    fileio.write_with(path, write)
+    return digest[0]
+
+
+def save_run_weights(model: torch.nn.Module, run_dir: str | os.PathLike | RunDir,
+                     metadata: dict | None = None) -> None:
+    """A run's final weights (RUN/model.safetensors) and, beside them, their SHA-256
+    (model.safetensors.sha256), which load_model checks as checkpoints' are checked.
+
+    The old checksum goes first: a crash before the new one is written leaves weights without
+    one (loaded unverified, as a run from before checksums), never a checksum that does not
+    match its weights."""
+    run_dir = RunDir(run_dir)
+    run_dir.remove_weights_checksum()
+    run_dir.write_weights_checksum(save_weights(model, run_dir.weights_file, metadata))
+
+
+def verify_run_weights(run_dir: str | os.PathLike | RunDir) -> Path:
+    """The run's final weights file, its checksum verified where the run has one (a run
+    written before final weights had a checksum loads unverified); CheckpointError naming the
+    file where it does not match."""
+    run_dir = RunDir(run_dir)
+    path = run_dir.weights_file
+    expected = run_dir.read_weights_checksum()
+    if expected is not None:
+        if fileio.sha256_file(path, what="a safetensors file", error=CheckpointError) \
+                != expected:
+            raise CheckpointError(f"{path}: checksum mismatch with "
+                                  f"{run_dir.weights_checksum_file.name} (the file is corrupt "
+                                  f"or truncated)")
+    return path
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load safetensors weights into `model`; CheckpointError names the file on any problem."""
+    """Load safetensors weights into `model`; CheckpointError names the file on any problem,
+    non-finite weights included (a diverged or damaged model gives no usable prediction)."""
     tensors = _read_safetensors(Path(path))
+    _check_finite(model, tensors, path)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit this model ({first})") from None
+        raise CheckpointError(f"{path}: weights do not fit this model ({first_line(exc)})") \
+            from None
+
+
+def _check_finite(model: torch.nn.Module, tensors: dict, path) -> None:
+    """CheckpointError unless every parameter is finite and no buffer holds NaN (a buffer may
+    hold an infinity on purpose: a plain module's attention mask, say)."""
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            continue
+        bad = ~torch.isfinite(tensor) if name in parameters else torch.isnan(tensor)
+        count = int(bad.sum())
+        if count:
+            raise CheckpointError(f"{path}: {name} holds {count:,} non-finite value"
+                                  f"{'s' if count > 1 else ''} (NaN or infinity): the run "
+                                  f"diverged or the file is damaged; refusing to use it")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
+    fileio.require_regular_file(path, "a safetensors file", CheckpointError)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path}: not a valid safetensors file ({reason})") from None
+        raise CheckpointError(f"{path}: not a valid safetensors file ({first_line(exc)})") \
+            from None
 
 
 # ----------------------------------------------------------------------- training state
@@ -136,46 +189,52 @@ def _optimizer_join(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _meta_checksum(meta: dict) -> str:
-    """SHA-256 of state.json's content without its own checksum (floats round-trip exactly)."""
-    body = {k: v for k, v in meta.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+def _state_tensors(trainer, opt_tensors: dict) -> dict[str, torch.Tensor]:
+    """The state tensors (STATE_TENSORS_FILE): optimizer moments, every random generator (the other
+    processes' too), the partial-epoch sums and the current shuffle."""
+    tensors = {
+        **opt_tensors,
+        "rng.global": torch.get_rng_state(),
+        "rng.shuffle": trainer.shuffle_gen.get_state(),
+        "rng.augment": trainer.augment_gen.get_state(),
+        "sums": trainer.state.sums.double(),
+    }
+    device_type = trainer.device.type
+    device_state = devices.get_rng_state(trainer.device)
+    if device_state is not None:  # a GPU's generator (dropout there), by device type
+        tensors[f"rng.{device_type}"] = device_state
+    if trainer.world > 1:  # the other processes' generators (distributed.py)
+        for rank, states in enumerate(trainer.process_rng_states[1:], start=1):
+            tensors[f"rng.global.{rank}"] = states["global"]
+            tensors[f"rng.augment.{rank}"] = states["augment"]
+            if device_type in states:
+                tensors[f"rng.{device_type}.{rank}"] = states[device_type]
+    if trainer.state.perm is not None:
+        tensors["perm"] = trainer.state.perm
+    return _contiguous(tensors)
+
+
+def _state_meta(trainer, kind: str, opt_meta: dict) -> dict:
+    """The metadata (STATE_FILE) before the checksums: kind, position, history, configuration."""
+    s = trainer.state
+    meta = {
+        "format": FORMAT, "kind": kind, "epoch": s.epoch, "step": s.step,
+        "batch_in_epoch": s.batch_in_epoch, "cursor": s.cursor, "epoch_seconds": s.epoch_seconds,
+        "history": s.history, "config_fingerprint": trainer.config.fingerprint(),
+        "optimizer": opt_meta, "processes": trainer.world, "device_type": trainer.device.type,
+    }
+    if trainer.grad_scaler is not None:  # fp16: the loss scale and its growth counter
+        meta["grad_scaler"] = {k: v for k, v in trainer.grad_scaler.state_dict().items()
+                               if isinstance(v, (int, float))}
+    return meta
 
 
 def save_checkpoint(trainer, directory: str | os.PathLike, kind: str = "epoch") -> Path:
     """Write the trainer's complete state to `directory` atomically (replacing an older one)."""
     directory = Path(directory)
-    s = trainer.state
     opt_tensors, opt_meta = _optimizer_split(trainer.optimizer)
-    state_tensors = {
-        **opt_tensors,
-        "rng.global": torch.get_rng_state(),
-        "rng.shuffle": trainer.shuffle_gen.get_state(),
-        "rng.augment": trainer.augment_gen.get_state(),
-        "sums": s.sums.double(),
-    }
-    device_type = trainer.device.type
-    device_state = devices.get_rng_state(trainer.device)
-    if device_state is not None:  # a GPU's generator (dropout there), by device type
-        state_tensors[f"rng.{device_type}"] = device_state
-    processes = trainer.world
-    if processes > 1:  # the other processes' generators (distributed.py)
-        for rank, states in enumerate(trainer.process_rng_states[1:], start=1):
-            state_tensors[f"rng.global.{rank}"] = states["global"]
-            state_tensors[f"rng.augment.{rank}"] = states["augment"]
-            if device_type in states:
-                state_tensors[f"rng.{device_type}.{rank}"] = states[device_type]
-    if s.perm is not None:
-        state_tensors["perm"] = s.perm
-    meta = {
-        "format": FORMAT, "kind": kind, "epoch": s.epoch, "step": s.step,
-        "batch_in_epoch": s.batch_in_epoch, "cursor": s.cursor, "epoch_seconds": s.epoch_seconds,
-        "history": s.history, "config_fingerprint": trainer.config.fingerprint(),
-        "optimizer": opt_meta, "processes": processes, "device_type": device_type,
-    }
-    if trainer.grad_scaler is not None:  # fp16: the loss scale and its growth counter
-        meta["grad_scaler"] = {k: v for k, v in trainer.grad_scaler.state_dict().items()
-                               if isinstance(v, (int, float))}
+    state_tensors = _state_tensors(trainer, opt_tensors)
+    meta = _state_meta(trainer, kind, opt_meta)
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=_TMP_SUFFIX,
@@ -185,9 +244,9 @@ def save_checkpoint(trainer, directory: str | os.PathLike, kind: str = "epoch") 
     try:
         _save_tensors(model_tensors(trainer.model), tmp / WEIGHTS_FILE)
         fileio.fault_hook("mid_checkpoint", directory)
-        _save_tensors(_contiguous(state_tensors), tmp / STATE_TENSORS_FILE)
+        _save_tensors(state_tensors, tmp / STATE_TENSORS_FILE)
         meta["sha256"] = {name: fileio.sha256_file(tmp / name) for name in TENSOR_FILES}
-        meta["checksum"] = _meta_checksum(meta)
+        meta["checksum"] = meta_checksum(meta)
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
         for name in (*TENSOR_FILES, STATE_FILE):
             with open(tmp / name, "rb") as handle:
@@ -253,83 +312,30 @@ def recover_checkpoints(run_dir: str | os.PathLike) -> list[str]:
     return restored
 
 
-def _require(ok: bool, meta_path: Path, what: str) -> None:
-    if not ok:
-        raise CheckpointError(f"{meta_path}: invalid checkpoint ({what})")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _validate_meta(meta, meta_path: Path) -> None:
-    """Type-check everything load_checkpoint reads, so a crafted file gives one clear error."""
-    _require(isinstance(meta, dict), meta_path, "not a JSON object")
-    _require(meta.get("format") == FORMAT, meta_path, f"not a fashion-cnn checkpoint of format {FORMAT}")
-    _require(meta.get("checksum") == _meta_checksum(meta), meta_path,
-             "checksum mismatch: the file is corrupt")
-    _require(meta.get("kind") in KINDS, meta_path, "unknown kind")
-    for key in ("epoch", "step", "batch_in_epoch", "cursor"):
-        _require(_is_int(meta.get(key)), meta_path, f"{key} is not a count")
-    _require(isinstance(meta.get("epoch_seconds"), (int, float)), meta_path, "epoch_seconds")
-    _require(isinstance(meta.get("history"), list)
-             and all(isinstance(h, dict) for h in meta["history"]), meta_path, "history")
-    _require(len(meta["history"]) == meta["epoch"], meta_path, "history length != epoch")
-    _require(isinstance(meta.get("config_fingerprint"), str), meta_path, "config_fingerprint")
-    _require(_is_int(meta.get("processes", 1)) and meta.get("processes", 1) >= 1, meta_path,
-             "processes is not a count")
-    opt = meta.get("optimizer")
-    _require(isinstance(opt, dict) and isinstance(opt.get("param_groups"), list)
-             and all(isinstance(g, dict) for g in opt["param_groups"])
-             and isinstance(opt.get("scalars"), dict), meta_path, "optimizer")
-    sha = meta.get("sha256")
-    _require(isinstance(sha, dict) and sorted(sha) == sorted(TENSOR_FILES)
-             and all(isinstance(v, str) for v in sha.values()), meta_path, "sha256")
-
-
-def read_checkpoint_meta(directory: str | os.PathLike) -> dict:
-    """Read and verify a checkpoint's state.json and the checksums of its tensor files;
-    CheckpointError names the first bad file."""
-    directory = Path(directory)
-    meta_path = directory / STATE_FILE
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{meta_path}: file not found (incomplete checkpoint)") from None
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{meta_path}: unreadable or corrupt ({type(exc).__name__})") from None
-    _validate_meta(meta, meta_path)
-    for name, digest in meta["sha256"].items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: file not found (incomplete checkpoint)")
-        if fileio.sha256_file(path) != digest:
-            raise CheckpointError(f"{path}: checksum mismatch (the file is corrupt or truncated)")
-    return meta
-
-
 def checkpoint_weights(directory: str | os.PathLike) -> Path:
     """The verified model.safetensors of a checkpoint (for evaluate --checkpoint)."""
     read_checkpoint_meta(directory)
     return Path(directory) / WEIGHTS_FILE
 
 
-def load_checkpoint(trainer, directory: str | os.PathLike) -> dict:
-    """Restore weights, optimizer, RNGs and position from a verified checkpoint."""
-    directory = Path(directory)
-    meta = read_checkpoint_meta(directory)
+def _check_same_run(trainer, directory: Path, meta: dict) -> None:
+    """CheckpointError unless the checkpoint was written by a run of this configuration
+    with as many training processes."""
     if meta["config_fingerprint"] != trainer.config.fingerprint():
         raise CheckpointError(f"{directory}: was written by a run with a different configuration "
                               f"(only the number of epochs may change on resume)")
-    processes, rank = meta.get("processes", 1), trainer.rank
+    processes = meta.get("processes", 1)
     if processes != trainer.world:
         how = ("without torchrun" if processes == 1 else
                f"with torchrun --nproc-per-node {processes} (in all, over its nodes)")
         raise CheckpointError(f"{directory}: was written by {processes} training process"
                               f"{'es' if processes > 1 else ''}; continue it {how}")
-    load_weights(trainer.model, directory / WEIGHTS_FILE)
-    state_path = directory / STATE_TENSORS_FILE
-    tensors = _read_safetensors(state_path)
+
+
+def _restore_state(trainer, tensors: dict, meta: dict, state_path: Path,
+                   meta_path: Path) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Load the optimizer, the generators and the loss scale from a checkpoint's tensors and
+    state.json; (perm, sums), checked. Any mismatch is a CheckpointError naming the file."""
     n = len(trainer.splits.x_train)
     try:
         perm, sums = tensors.get("perm"), tensors["sums"]
@@ -339,8 +345,10 @@ def load_checkpoint(trainer, directory: str | os.PathLike) -> dict:
             raise ValueError("sums must be float64 of shape (4,)")
         if meta["cursor"] > n or meta["batch_in_epoch"] >= trainer.steps_per_epoch:
             raise ValueError("position beyond the end of an epoch")
-        trainer.optimizer.load_state_dict(_optimizer_join(tensors, meta["optimizer"]))
-        suffix = f".{rank}" if rank else ""  # this process's own generators
+        saved = _optimizer_join(tensors, meta["optimizer"])
+        check_optimizer_state(trainer.optimizer, saved, state_path, meta_path)
+        trainer.optimizer.load_state_dict(saved)
+        suffix = f".{trainer.rank}" if trainer.rank else ""  # this process's own generators
         torch.set_rng_state(tensors["rng.global" + suffix])
         trainer.shuffle_gen.set_state(tensors["rng.shuffle"])
         trainer.augment_gen.set_state(tensors["rng.augment" + suffix])
@@ -351,15 +359,26 @@ def load_checkpoint(trainer, directory: str | os.PathLike) -> dict:
             trainer.grad_scaler.load_state_dict(meta["grad_scaler"])
     except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, IndexError) as exc:
         raise CheckpointError(f"{state_path}: training state does not fit this run "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-                              ) from None
+                              f"({type(exc).__name__}: {first_line(exc)})") from None
+    return perm, sums
+
+
+def load_checkpoint(trainer, directory: str | os.PathLike) -> dict:
+    """Restore weights, optimizer, RNGs and position from a verified checkpoint."""
+    directory = Path(directory)
+    meta = read_checkpoint_meta(directory)
+    _check_same_run(trainer, directory, meta)
+    load_weights(trainer.model, directory / WEIGHTS_FILE)
+    state_path = directory / STATE_TENSORS_FILE
+    perm, sums = _restore_state(trainer, _read_safetensors(state_path), meta, state_path,
+                                directory / STATE_FILE)
     s = trainer.state
     s.epoch, s.step = meta["epoch"], meta["step"]
     s.batch_in_epoch, s.cursor = meta["batch_in_epoch"], meta["cursor"]
     s.epoch_seconds = float(meta["epoch_seconds"])
     s.perm = perm
     # several processes: process 0 holds the sums of the unfinished epoch for all of them
-    s.sums = (sums.to(trainer.device, trainer.zero_sums().dtype) if rank == 0
+    s.sums = (sums.to(trainer.device, trainer.zero_sums().dtype) if trainer.rank == 0
               else trainer.zero_sums())
     written_on = meta.get("device_type", "cpu")
     if written_on != trainer.device.type and distributed.is_main():
@@ -398,13 +417,8 @@ def scan_checkpoints(run_dir: str | os.PathLike) -> list[CheckpointInfo]:
     for path in root.iterdir():
         if path.name.startswith(".") or not path.is_dir():
             continue
-        info = CheckpointInfo(path)
-        try:
-            meta = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-            info.kind, info.epoch, info.step = str(meta["kind"]), int(meta["epoch"]), int(meta["step"])
-        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
-            info = CheckpointInfo(path)
-        found.append(info)
+        position = RunDir.checkpoint_position(path)
+        found.append(CheckpointInfo(path, *position) if position else CheckpointInfo(path))
     return sorted(found, key=lambda i: (i.kind is None, i.position, i.path.name))
 
 

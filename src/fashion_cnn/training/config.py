@@ -15,10 +15,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..data.augment import AugmentConfig
-from .. import devices
 from ..errors import SpecError
 from ..fileio import toml_value
+from ..models.args import shown
 from ..models.spec import ModelSpec, parse_spec
+from .bounds import is_finite_number, is_text, range_rules
+from .names import check_checkpoint_pattern
 
 
 @dataclass
@@ -176,85 +178,91 @@ class RunConfig:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# The source of settings given as options (resolve_config's overrides): errors about them name
+# the setting, which the CLI shows as its flag; errors about a file's settings name the file.
+OVERRIDES = "command line"
+
+
 def _check_value(section: str, key: str, value: Any, template: Any) -> Any:
-    where = f"[{section}] {key}"
+    where, setting = f"[{section}] {key}", f"{section}.{key}"
     if isinstance(template, bool):
         if not isinstance(value, bool):
-            raise SpecError(f"{where}: expected true or false, got {value!r}")
+            raise SpecError(f"{where}: expected true or false, got {shown(value)}", setting=setting)
     elif isinstance(template, int):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(f"{where}: expected an integer, got {value!r}")
+            raise SpecError(f"{where}: expected an integer, got {shown(value)}", setting=setting)
     elif isinstance(template, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SpecError(f"{where}: expected a number, got {value!r}")
-        value = float(value)
+            raise SpecError(f"{where}: expected a number, got {shown(value)}", setting=setting)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float's range
+            value = math.inf
         if not math.isfinite(value):
-            raise SpecError(f"{where}: must be finite, got {value!r}")
+            raise SpecError(f"{where}: must be finite, got {shown(value)}", setting=setting)
     elif isinstance(template, str):
         if not isinstance(value, str):
-            raise SpecError(f"{where}: expected a string, got {value!r}")
+            raise SpecError(f"{where}: expected a string, got {shown(value)}", setting=setting)
+        if "\x00" in value:  # no file name or choice holds one; open() would raise
+            raise SpecError(f"{where}: must not contain a NUL character", setting=setting)
+        if not is_text(value):
+            raise SpecError(f"{where}: not valid Unicode text, got {shown(value)}",
+                            setting=setting)
         choices = CHOICES.get((section, key))
         if choices and value not in choices:
-            raise SpecError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
+            raise SpecError(f"{where}: must be one of {', '.join(choices)}, got {shown(value)}",
+                            setting=setting)
     elif (section, key) == ("data", "class_names"):
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise SpecError(f"{where}: expected a list of names, got {value!r}")
+            raise SpecError(f"{where}: expected a list of names, got {shown(value)}",
+                            setting=setting)
         if len(set(value)) != len(value):
-            raise SpecError(f"{where}: a class name appears twice")
+            raise SpecError(f"{where}: a class name appears twice", setting=setting)
     elif (section, key) in (("data", "mean"), ("data", "std")):
-        if (not isinstance(value, list) or len(value) not in (0, 1, 3) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                for v in value)):
-            raise SpecError(f"{where}: expected one number per channel (1 or 3), got {value!r}")
+        if not isinstance(value, list) or len(value) not in (0, 1, 3) or not all(
+                is_finite_number(v) for v in value):
+            raise SpecError(f"{where}: expected one number per channel (1 or 3), got "
+                            f"{shown(value)}", setting=setting)
         value = [float(v) for v in value]
     elif isinstance(template, list):
         if (not isinstance(value, list) or len(value) != 2
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-            raise SpecError(f"{where}: expected a pair of numbers, got {value!r}")
+                or not all(is_finite_number(v) for v in value)):
+            raise SpecError(f"{where}: expected a pair of finite numbers, got {shown(value)}",
+                            setting=setting)
         value = [float(v) for v in value]
     return value
 
 
-def _range_checks(cfg: RunConfig) -> None:
-    t, d, a, c = cfg.train, cfg.data, cfg.augment, cfg.checkpoint
-    rules = [
-        (t.epochs >= 1, "[train] epochs must be at least 1"),
-        (t.batch_size >= 1, "[train] batch_size must be at least 1"),
-        (0 < t.steps_fraction <= 1, "[train] steps_fraction must be in (0, 1]"),
-        (t.lr > 0, "[train] lr must be positive"),
-        (0 <= t.label_smoothing < 1, "[train] label_smoothing must be in [0, 1)"),
-        (0 <= t.warmup < 1, "[train] warmup must be in [0, 1)"),
-        (t.weight_decay >= 0, "[train] weight_decay must be >= 0"),
-        (t.threads >= 0, "[train] threads must be >= 0"),
-        (devices.is_device_name(t.device),
-         f"[train] device {t.device!r} is not a device: {', '.join(devices.DEVICE_CHOICES)}"),
-        (t.eval_batch_size >= 1, "[train] eval_batch_size must be at least 1"),
-        (0 <= d.validation_split < 1, "[data] validation_split must be in [0, 1)"),
-        (d.subset == 0 or d.subset >= 2, "[data] subset must be 0 (all) or at least 2"),
-        (d.pad >= -1, "[data] pad must be >= 0, or -1 for automatic"),
-        (d.image_size == 0 or d.image_size >= 4, "[data] image_size must be 0 (the data's) or at least 4"),
-        (d.channels in (0, 1, 3), "[data] channels must be 0 (the data's), 1 or 3"),
-        (0 < d.test_fraction < 1, "[data] test_fraction must be in (0, 1)"),
-        (len(d.mean) == len(d.std), "[data] mean and std need one value per channel each"),
-        (all(v > 0 for v in d.std), "[data] std values must be positive"),
-        (not d.class_names or len(d.class_names) >= 2, "[data] class_names needs at least 2 names"),
-        (a.rotation_range >= 0 and a.zoom_range >= 0 and a.width_shift_range >= 0
-         and a.height_shift_range >= 0, "[augment] ranges must be >= 0"),
-        (a.zoom_range < 1, "[augment] zoom_range must be < 1"),
-        (a.interpolation_order in (0, 1), "[augment] interpolation_order must be 0 (nearest) or 1 (bilinear)"),
-        (0 <= a.random_erasing <= 1, "[augment] random_erasing is a probability in [0, 1]"),
-        (c.every >= 0 and c.keep_last >= 0 and c.early_stopping >= 0,
-         "[checkpoint] every, keep_last and early_stopping must be >= 0"),
-        ("{epoch}" in c.filename or c.save_best_only or c.every == 0,
-         "[checkpoint] filename must contain {epoch} (e.g. \"model1_{epoch}\")"),
-        ("/" not in c.filename and "\\" not in c.filename and not c.filename.startswith("."),
-         "[checkpoint] filename must be a plain name, not a path"),
-    ]
-    for ok, message in rules:
-        if not ok:
-            raise SpecError(message)
-    if d.channels:  # bound to its data (bind_to_data): the model must take its images
-        check_model_fits(cfg)
+def _blamed(exc: SpecError, source: str | None, given=None) -> SpecError:
+    """`exc` as its reader should see it. From a file (`source` names it), it names the file
+    and no setting: the CLI would show the setting's flag, which the user never gave. From
+    options (`source` None or OVERRIDES), it keeps its setting where that is one of `given`
+    (the settings given as options, where known)."""
+    if source not in (None, OVERRIDES):
+        return SpecError(f"{source}: {exc}")
+    if given is not None and exc.setting not in given:
+        return SpecError(str(exc))
+    return exc
+
+
+def _range_checks(cfg: RunConfig, source: str | None = None, given=None) -> None:
+    """SpecError (blamed as _blamed says) unless `cfg` keeps every rule: bounds.range_rules,
+    the checkpoint name pattern's (names.check_checkpoint_pattern), and a model that takes
+    the images of its data once the config is bound to them."""
+    try:
+        for ok, setting, message in range_rules(cfg):
+            if not ok:
+                raise SpecError(message, setting=setting)
+        c = cfg.checkpoint
+        if not ("epoch" in check_checkpoint_pattern(c.filename) or c.save_best_only
+                or c.every == 0):
+            raise SpecError("[checkpoint] filename must contain {epoch} (e.g. \"model1_{epoch}\") "
+                            "unless save_best_only is true or every is 0",
+                            setting="checkpoint.filename")
+        if cfg.data.channels:  # bound to its data (bind_to_data): the model must take its images
+            check_model_fits(cfg)
+    except SpecError as exc:
+        raise _blamed(exc, source, given) from None
 
 
 def check_model_fits(cfg: RunConfig) -> None:
@@ -272,48 +280,63 @@ def check_model_fits(cfg: RunConfig) -> None:
 
 
 def apply_section(cfg: RunConfig, section: str, values: dict, source: str) -> None:
+    """Set the `values` ({key: value}) of one section of `cfg`, each checked; SpecError names
+    `source` (a file, or OVERRIDES: then the setting) and the valid sections or keys where one
+    is unknown."""
+    if section not in SECTIONS:
+        raise SpecError(f"{source}: unknown section {shown(section)}; sections: "
+                        f"{', '.join(SECTIONS)}")
     if not isinstance(values, dict):
         raise SpecError(f"{source}: [{section}] must be a table")
     target = getattr(cfg, section)
     known = {f.name for f in fields(target)}
     for key, value in values.items():
         if key not in known:
-            raise SpecError(f"{source}: [{section}] unknown setting {key!r}; "
+            raise SpecError(f"{source}: [{section}] unknown setting {shown(key)}; "
                             f"known: {', '.join(sorted(known))}")
-        setattr(target, key, _check_value(section, key, value, getattr(target, key)))
+        try:
+            setattr(target, key, _check_value(section, key, value, getattr(target, key)))
+        except SpecError as exc:
+            raise _blamed(exc, source) from None
 
 
 def config_from_data(raw: dict, source: str, resolve_model) -> RunConfig:
     """Build a RunConfig from recipe/config data; `resolve_model(value)` turns `model` into a spec."""
     unknown = set(raw) - {"recipe", "description", "model", "module", *SECTIONS}
     if unknown:
-        raise SpecError(f"{source}: unknown key {sorted(unknown)[0]!r}; expected model, "
-                        f"description, {', '.join(SECTIONS)}")
+        raise SpecError(f"{source}: unknown key {shown(sorted(map(str, unknown))[0])}; "
+                        f"expected model, description, {', '.join(SECTIONS)}")
     if "model" not in raw and "module" not in raw:
         raise SpecError(f"{source}: missing 'model' (a zoo name, a spec file, or a [model] table)")
     if "model" in raw and "module" in raw:
         raise SpecError(f"{source}: give either 'model' (a spec) or [module] (a plain PyTorch "
                         f"module's record), not both")
+    recipe, description = raw.get("recipe", ""), raw.get("description", "")
     spec, module = None, None
     if "module" in raw:
         module = _module_info(raw["module"], source)
     else:
         model = raw["model"]
-        spec = parse_spec(model, "model") if isinstance(model, dict) else resolve_model(model)
-    cfg = RunConfig(model=spec, recipe=str(raw.get("recipe", "")),
-                    description=str(raw.get("description", "")), module=module)
+        if isinstance(model, dict):
+            spec = parse_spec(model, "model")
+        elif isinstance(model, str) and model:
+            spec = resolve_model(model)
+        else:
+            raise SpecError(f"{source}: model must be a zoo name, a spec file or a [model] "
+                            f"table, got {shown(model)}")
+    cfg = RunConfig(model=spec, recipe=recipe, description=description, module=module)
     for section in SECTIONS:
         if section in raw:
             apply_section(cfg, section, raw[section], source)
-    _range_checks(cfg)
+    _range_checks(cfg, source)
     return cfg
 
 
 def _module_info(raw, source: str) -> ModuleInfo:
     if (not isinstance(raw, dict) or set(raw) != {"class", "params"}
-            or not isinstance(raw["class"], str) or not raw["class"]
-            or isinstance(raw["params"], bool) or not isinstance(raw["params"], int)
-            or raw["params"] < 0):
+            or not isinstance(raw["class"], str) or not raw["class"].isprintable()
+            or not raw["class"] or isinstance(raw["params"], bool)
+            or not isinstance(raw["params"], int) or raw["params"] < 0):
         raise SpecError(f"{source}: [module] must hold class (a string) and params (a count)")
     return ModuleInfo(raw["class"], raw["params"])
 
@@ -359,11 +382,18 @@ def bind_to_data(cfg: RunConfig, data) -> RunConfig:
     return cfg
 
 
-def validate(cfg: RunConfig) -> RunConfig:
-    _range_checks(cfg)
+def validate(cfg: RunConfig, source: str | None = None, given=None) -> RunConfig:
+    """`cfg`, checked: every rule of the config (bounds.range_rules, the checkpoint name
+    pattern, the recipe's name and the description); SpecError names `source` where it is a
+    file, else the setting where it is one of `given` (or any setting where `given` is None):
+    the settings the caller's options set.
+
+    >>> from fashion_cnn.training.recipes import load_config
+    >>> validate(load_config("model1")).train.batch_size
+    32
+    """
+    _range_checks(cfg, source, given)
     return cfg
-
-
 
 
 def _field_comments(cls) -> dict[str, str]:
@@ -414,6 +444,9 @@ def overrides_to_sections(overrides: dict[str, Any]) -> dict[str, dict]:
     for dotted, value in overrides.items():
         if value is None:
             continue
-        section, key = dotted.split(".", 1)
+        section, dot, key = dotted.partition(".")
+        if not dot:
+            raise SpecError(f"setting {shown(dotted)}: name it as section.key (sections: "
+                            f"{', '.join(SECTIONS)})")
         out.setdefault(section, {})[key] = value
     return out

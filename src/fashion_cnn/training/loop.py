@@ -24,6 +24,7 @@ from ..models import kernels
 from ..data.augment import augment_batch
 from ..models.build import KerasSequential, build_model
 from ..models.cpu_pass import accelerate, is_accelerated
+from ..models.spec import check_memory
 from .config import RunConfig
 from ..data.fashion_mnist import Splits
 from ..errors import Interrupted, NonFiniteLoss, UserError
@@ -115,6 +116,7 @@ class Trainer:
             if config.model is None:
                 raise UserError(module_needed(config.module, "Trainer's model="),
                                 setting="model")
+            check_memory(config.model, t.batch_size, t.eval_batch_size)  # before allocating
             model = build_model(config.model, seed=t.seed)
         elif not isinstance(model, KerasSequential):
             check_module(model, splits, t.seed)

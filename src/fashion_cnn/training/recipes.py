@@ -13,9 +13,11 @@ from pathlib import Path
 from ..catalog import ZOO, looks_like_path, names
 from ..errors import SpecError
 from ..fileio import read_toml
+from ..models.args import shown
 from ..models.spec import parse_spec
 from ..models.zoo import get_model_spec, list_models
-from .config import SECTIONS, RunConfig, apply_section, config_from_data, overrides_to_sections, validate
+from .config import (OVERRIDES, SECTIONS, RunConfig, apply_section, config_from_data,
+                     overrides_to_sections, validate)
 
 
 def list_recipes() -> list[str]:
@@ -25,6 +27,8 @@ def list_recipes() -> list[str]:
 
 def load_config(name: str) -> RunConfig:
     """A recipe, a model (with default settings), or a TOML file (recipe, run config or spec)."""
+    if not isinstance(name, str) or not name:
+        raise SpecError(f"expected a model or recipe name or a .toml path, got {shown(name)}")
     if looks_like_path(name):
         raw = read_toml(name)
         if "layers" in raw and "model" not in raw:  # a bare model spec
@@ -50,7 +54,8 @@ def setting_key(key: str) -> str:
     for section, cls in SECTIONS.items():
         if key in {f.name for f in dataclasses.fields(cls)}:
             return f"{section}.{key}"
-    raise SpecError(f"unknown setting {key!r}")
+    raise SpecError(f"unknown setting {shown(key)}; name a setting as section.key (sections: "
+                    f"{', '.join(SECTIONS)}) or by a key of one of them")
 
 
 def resolve_config(name_or_config: str | RunConfig, **overrides) -> RunConfig:
@@ -60,9 +65,13 @@ def resolve_config(name_or_config: str | RunConfig, **overrides) -> RunConfig:
     >>> resolve_config("seed-model1", epochs=3).train.epochs
     3
     """
-    cfg = (dataclasses.replace(name_or_config) if isinstance(name_or_config, RunConfig)
-           else load_config(name_or_config))
+    if isinstance(name_or_config, RunConfig):  # a copy: the overrides leave the given one as it was
+        cfg = dataclasses.replace(name_or_config, **{
+            name: dataclasses.replace(getattr(name_or_config, name)) for name in SECTIONS})
+    else:
+        cfg = load_config(name_or_config)
     overrides = {setting_key(k): v for k, v in overrides.items()}
     for section, values in overrides_to_sections(overrides).items():
-        apply_section(cfg, section, values, "command line")
-    return validate(cfg)
+        apply_section(cfg, section, values, OVERRIDES)
+    # an error names a setting (the CLI, its flag) only where the overrides set it
+    return validate(cfg, given=set(overrides))

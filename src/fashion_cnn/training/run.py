@@ -27,15 +27,16 @@ import torch
 from .. import devices, fileio
 from ..data.arrays import ImageData, Splits, make_splits
 from ..data.sources import open_dataset
-from ..errors import Interrupted, UserError
+from ..errors import Interrupted, TrainingStopped, UserError
 from ..models.build import KerasSequential, build_model
 from ..models.cpu_pass import is_accelerated
+from ..models.spec import check_memory
 from ..perf import configure_runtime, return_freed_memory
 from . import distributed
 from .callbacks import (EarlyStopping, HistoryWriter, ModelCheckpoint, ProgressBar, best_epoch,
                         check_options)
 from .checkpoint import (checkpoint_weights, load_checkpoint, load_weights, newest_intact,
-                         recover_checkpoints, save_weights)
+                         recover_checkpoints, save_run_weights, verify_run_weights)
 from .config import ModuleInfo, RunConfig, bind_to_data, validate
 from .loop import (Trainer, check_module, evaluate, module_device, module_needed,
                    prepare_model)
@@ -177,7 +178,7 @@ def _finish(trainer: Trainer, run_dir: RunDir, train_seconds: float) -> RunResul
     """Save the final weights, evaluate on the test set, write metrics.json; then the
     callbacks' on_run_end (figures)."""
     cfg, model, splits = trainer.config, trainer.model, trainer.splits
-    save_weights(model, run_dir.weights_file, {"model": run_name(cfg)})
+    save_run_weights(model, run_dir, {"model": run_name(cfg)})
     start = time.perf_counter()
     result = evaluate(model, splits.x_test, splits.y_test, cfg.train.eval_batch_size,
                       cfg.train.precision, cfg.train.tta)
@@ -355,15 +356,26 @@ def train(name_or_config: str | RunConfig | None = None, out: str | os.PathLike 
             check_module(model, splits, cfg.train.seed)  # before its parameters are counted
         cfg = _with_model(cfg, model)
 
+    made: list[RunDir] = []  # the directory this process created (process 0's)
+
     def prepare() -> Path:
         run_dir = RunDir.create(out, run_name(cfg))
+        made.append(run_dir)
         run_dir.write_config(cfg)
         return run_dir.path
 
-    run_dir = RunDir(_on_main(prepare))
-    trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, callbacks),
-                      model=model, run_dir=run_dir)
-    return _run(trainer, run_dir)
+    try:
+        run_dir = RunDir(_on_main(prepare))
+        trainer = Trainer(cfg, splits, standard_callbacks(cfg, run_dir, progress, callbacks),
+                          model=model, run_dir=run_dir)
+        return _run(trainer, run_dir)
+    except BaseException as failure:
+        # Failed before its first epoch (the model could not be built, the loss diverged at
+        # once, Ctrl-C): a directory holding only config.toml would block the same --out.
+        if made and made[0].discard_unstarted() and isinstance(failure, TrainingStopped):
+            raise failure.extended(f"; removed {made[0]}, where nothing else had been "
+                                   f"written") from None
+        raise
 
 
 def resume(run_dir: str | os.PathLike, *, epochs: int | None = None,
@@ -398,6 +410,7 @@ def resume(run_dir: str | os.PathLike, *, epochs: int | None = None,
             raise UserError(f"epochs {epochs} is fewer than the run's {cfg.train.epochs}",
                             setting="train.epochs")
         cfg.train.epochs = epochs
+        validate(cfg)  # the one validator's bounds hold for the extended run too
     configure_runtime(cfg.train.threads)
     reset_peak_rss()
     splits = splits_for(cfg, data)
@@ -461,13 +474,14 @@ def load_model(run_dir: str | os.PathLike, checkpoint: str | None = None, *,
     cfg = run_dir.read_config()
     model = _model_for_run(cfg, model, run_dir)
     if model is None:
+        check_memory(cfg.model, eval_batch_size=cfg.train.eval_batch_size, training=False)
         model = build_model(cfg.model)
     if checkpoint:
         directory = run_dir.find_checkpoint(str(checkpoint), cfg.checkpoint.filename)
         path = checkpoint_weights(directory)  # checksums verified first
     else:
-        path = run_dir.weights_file
-    load_weights(model, path)
+        path = verify_run_weights(run_dir)
+    load_weights(model, path)  # refuses non-finite weights
     kernels_on = cfg.train.cpu_kernels if cpu_kernels is None else cpu_kernels
     prepare_model(model, reload_device(cfg, device), kernels_on)
     model.eval()
