@@ -389,8 +389,11 @@ def test_sigint_during_start_up_of_a_real_process(pattern_run, tmp_path):
     marker = tmp_path / "started"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_CNN_PAUSE_")}
     env.update(FASHION_CNN_PAUSE_AT="start_up", FASHION_CNN_PAUSE_MARKER=str(marker))
+    # a Ctrl-C as on a terminal: a background job (make test run with `&`, CI) inherits
+    # SIGINT ignored, and Python then never turns it into KeyboardInterrupt
     process = subprocess.Popen([sys.executable, "-m", "fashion_cnn", "evaluate", str(pattern_run)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240  # a bail-out for a broken hook, not a measurement
         while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
