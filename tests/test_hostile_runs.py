@@ -311,11 +311,17 @@ def test_a_run_that_fails_before_its_first_epoch_leaves_no_directory(small_data,
     assert existing.is_dir() and list(existing.iterdir()) == []
     RunDir.create(existing, "again")  # the same --out can be used again
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    monkeypatch.setattr(run_module, "Trainer", _interrupt)
+    _assert_interrupted_train_leaves_nothing(capsys, tmp_path / "interrupted")
 
-    monkeypatch.setattr(run_module, "Trainer", interrupted)
-    out = tmp_path / "interrupted"
+
+def _interrupt(*args, **kwargs):
+    """A stand-in for a step of start-up that a Ctrl-C interrupts."""
+    raise KeyboardInterrupt
+
+
+def _assert_interrupted_train_leaves_nothing(capsys, out) -> None:
+    """`train ... --out OUT` interrupted: exit 130, one line, and no OUT left behind."""
     code, _, err = main(capsys, *TRAIN, "--out", out, *QUIET)
     assert code == 130 and message_lines(err) == ["fashion-cnn: interrupted"]
     assert not out.exists()
@@ -346,13 +352,10 @@ def test_a_run_that_fails_after_an_epoch_keeps_everything(small_data, tmp_path, 
 def test_ctrl_c_at_any_point_of_start_up_exits_130_with_one_line(monkeypatch, capsys):
     from fashion_cnn.cli import commands, parser
 
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
     handler = signal.getsignal(signal.SIGINT)
     for module, name, argv in [(parser, "build_parser", ["env"]),  # building the parser
                                (commands, "cmd_evaluate", ["evaluate", "somewhere"])]:
-        monkeypatch.setattr(module, name, interrupt)
+        monkeypatch.setattr(module, name, _interrupt)
         code, _, err = main(capsys, *argv)
         monkeypatch.undo()
         assert code == 130 and message_lines(err) == ["fashion-cnn: interrupted"], err
@@ -360,14 +363,8 @@ def test_ctrl_c_at_any_point_of_start_up_exits_130_with_one_line(monkeypatch, ca
 
 
 def test_ctrl_c_while_loading_data_exits_130_and_leaves_nothing(monkeypatch, tmp_path, capsys):
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(run_module, "splits_for", interrupt)
-    out = tmp_path / "run"
-    code, _, err = main(capsys, *TRAIN, "--out", out, *QUIET)
-    assert code == 130 and message_lines(err) == ["fashion-cnn: interrupted"]
-    assert not out.exists()
+    monkeypatch.setattr(run_module, "splits_for", _interrupt)
+    _assert_interrupted_train_leaves_nothing(capsys, tmp_path / "run")
 
 
 def test_nothing_heavy_is_imported_before_the_cli_handles_ctrl_c():

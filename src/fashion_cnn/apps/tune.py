@@ -49,7 +49,8 @@ from ..training.config import to_toml
 from ..training.loop import Trainer
 from ..training.recipes import load_config, resolve_config, setting_key
 from ..training.run import data_for, splits_for
-from .tune_storage import first_line, open_study
+from ..errors import first_line
+from .tune_storage import open_study
 
 OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
 PARAM_TYPES = ("float", "int", "categorical")

@@ -14,14 +14,8 @@ import os
 from pathlib import Path
 
 from .. import fileio
-from ..errors import SpecError, UserError
+from ..errors import SpecError, UserError, first_line
 from ..models.args import shown
-
-
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's message as one line: its first, cut to `limit` characters."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # The first record of every Optuna journal: JournalOperation.CREATE_STUDY (optuna.storages.journal).

@@ -394,13 +394,14 @@ def resume(run_dir: str | os.PathLike, *, epochs: int | None = None,
     if device is not None:
         cfg.train.device = devices.check_device_name(device)
     # the run's own precision: one this device lacks is an error, never a silent change
-    distributed.setup_from_env(settle_device(cfg, explicit_precision=True))
+    device = settle_device(cfg, explicit_precision=True)
+    distributed.setup_from_env(device)
     model = _model_for_run(cfg, model, run_dir)
     if expect is not None:
         data = data_for(cfg, data)
         bind_to_data(expect, data)  # the given options, as the run resolved its own
         expect.train.precision = devices.resolve_precision(
-            devices.resolve_device(cfg.train.device), expect.train.precision, False)[0]
+            device, expect.train.precision, False)[0]
     if expect is not None and expect.fingerprint() != cfg.fingerprint():
         raise UserError(f"{run_dir}: the given options contradict the run's configuration "
                         f"({config_differences(cfg, expect)}); continue it as it was with "
