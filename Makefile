@@ -20,7 +20,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,export,tune,keras]'
+	$(PY) -m pip install -q -e '.[test,export,tune,keras,tensorboard,notebook,serve]'
 	touch $@
 
 # The dataset: Debian's package where the files are not found and apt exists.

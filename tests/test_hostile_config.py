@@ -411,7 +411,7 @@ def test_keras_epoch_formats_pass_the_validator():
 @pytest.mark.parametrize("key", ["model.name", "recipe.x", "module.params", ".epochs", "nosuch.x"])
 def test_unknown_sections_name_the_valid_ones(key):
     with pytest.raises(SpecError, match="unknown section .*; sections: data, augment, train, "
-                                        "checkpoint$"):
+                                        "checkpoint, log$"):
         resolve_config("dense", **{key: 1})
 
 
@@ -634,7 +634,7 @@ def test_bad_distributions_are_one_line(tmp_path, param, fragment):
 
 
 @pytest.mark.parametrize("key,fragment", [
-    ("model.name", "unknown section 'model'; sections: data, augment, train, checkpoint"),
+    ("model.name", "unknown section 'model'; sections: data, augment, train, checkpoint, log"),
     ("train.lrate", "unknown setting 'lrate'; known: batch_size"),
 ])
 def test_unknown_settings_in_a_space_name_the_valid_ones(tmp_path, key, fragment):

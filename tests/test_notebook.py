@@ -42,6 +42,14 @@ def test_study_notebook_runs_without_errors(real_data, tmp_path, this_python_ker
     client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    # model1 trains with its progress display: tqdm's notebook widget (ipywidgets), one per
+    # epoch, or where ipywidgets is missing tqdm's text bar with ms/step and the running loss
+    widgets = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    if widgets:  # the widgets' last state (kept by nbclient) holds the bar's text
+        state = notebook.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]
+        text = json.dumps(state)
+    assert "ms/step" in text and "loss:" in text and "Epoch 1/1" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     # live learning curves of model1 and of the study's runs, confusion matrix, predictions,
     # weights, augmentation preview, study learning curves

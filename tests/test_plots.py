@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from fashion_cnn.data import fashion_mnist as fdata
 from fashion_cnn.analysis import figures, image_figures, metrics, plots, tables
+from fashion_cnn.training.progress import in_notebook
 import fashion_cnn as fc
 from fashion_cnn.models.build import build_model
 from fashion_cnn.cli import main
@@ -263,7 +264,7 @@ def test_live_plot_rewrites_the_png_each_epoch_and_updates_a_notebook(tmp_path, 
 
 
 def test_live_plot_outside_jupyter_does_not_display(tmp_path):
-    assert plots._in_notebook() is False
+    assert in_notebook() is False
     live = plots.LivePlot(tmp_path / "m.png")
     trainer = _FakeTrainer(fc.resolve_config("seed-model1"))
     live.on_train_begin(trainer)

@@ -232,8 +232,13 @@ def test_report_command_rewrites_the_report(quick_study, capsys):
 def test_repeats_give_mean_and_std_over_seeds(tmp_path, real_data):
     (tmp_path / "r.toml").write_text("[[runs]]\nrecipe = 'seed-dense'\n")
     result = run_study(str(tmp_path / "r.toml"), tmp_path / "out", epochs_scale=0.04, subset=500,
-                       repeats=2, progress=False, data=real_data, log=lambda line: None)
+                       repeats=2, progress=False, data=real_data, log=lambda line: None,
+                       tensorboard=tmp_path / "tb")
     assert sorted(result.done) == ["seed-dense-seed0", "seed-dense-seed1"]
+    # one TensorBoard sub-run per run, under the one folder given
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == sorted(result.done)
+    assert all(list((tmp_path / "tb" / name / "validation").glob("events.out.tfevents.*"))
+               for name in result.done)
     accuracies = [json.loads((tmp_path / "out" / name / "metrics.json").read_text())
                   ["test_accuracy"] for name in sorted(result.done)]
     row = _markdown_table((tmp_path / "out" / "report.md").read_text())["seed-dense (×2)"]

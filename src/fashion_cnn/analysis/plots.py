@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from ..errors import UserError
 from ..training.checkpoint import read_checkpoint_meta
 from ..training.config import RunConfig, bind_to_data
 from ..training.loop import evaluate, module_device
+from ..training.progress import in_notebook
 from ..training.recipes import resolve_config
 from ..training.run import data_for, load_model, open_run, run_name
 from ..training.rundir import RunDir
@@ -33,15 +33,6 @@ RUN_FIGURES = ("metrics.png", "confusion_matrix.png", "confusion_matrix_normaliz
                "predictions.png", "misclassified.png", "weights.png", "activations.png")
 RUN_TABLES = ("per_class.csv", "confused_pairs.csv", "confusion_matrix.csv")
 LIVE_FIGURE = "metrics.png"  # the figure LivePlot redraws each epoch (also in RUN_FIGURES)
-
-
-def _in_notebook() -> bool:
-    """True inside a Jupyter kernel (IPython already imported and running a kernel)."""
-    ipython = sys.modules.get("IPython")
-    if ipython is None:
-        return False
-    shell = ipython.get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 class LivePlot:
@@ -63,7 +54,7 @@ class LivePlot:
         if self.path is None:
             self.path = RunDir(trainer.run_dir).plot(LIVE_FIGURE)
         if self.notebook is None:
-            self.notebook = _in_notebook()
+            self.notebook = in_notebook()
         if trainer.state.history:  # a resumed run: show what it already has
             self._draw(trainer)
 

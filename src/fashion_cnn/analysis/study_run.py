@@ -107,7 +107,8 @@ def _run_one(run_dir: RunDir, cfg: RunConfig, data, progress: bool, log) -> str:
     if run_dir.is_run():
         _check_run_config(run_dir, cfg)
         log(f"resuming ({epochs} in all)")
-        resume(run_dir.path, data=data, progress=progress, expect=cfg)
+        log_to = (cfg.log.tensorboard_dir or True) if cfg.log.tensorboard else None
+        resume(run_dir.path, data=data, progress=progress, expect=cfg, tensorboard=log_to)
         return "resumed"
     log(f"training {cfg.recipe or cfg.model.name}, {epochs}, seed {cfg.train.seed}")
     train(cfg, run_dir.path, data=data, progress=progress)
@@ -117,14 +118,23 @@ def _run_one(run_dir: RunDir, cfg: RunConfig, data, progress: bool, log) -> str:
 def run_study(name_or_path: str, out: str | os.PathLike | None = None, *,
               epochs_scale: float | None = None, subset: int | None = None,
               repeats: int | None = None, dataset: str | None = None, progress: bool = True,
-              report: bool = True, data=None, log=print) -> StudyResult:
+              report: bool = True, data=None, log=print,
+              tensorboard: bool | str | os.PathLike = False) -> StudyResult:
     """Train every run of a study into `out` (default studies/<name>), skipping finished runs
-    and resuming interrupted ones; then write the report (report.html, report.md)."""
+    and resuming interrupted ones; then write the report (report.html, report.md).
+
+    tensorboard: True logs each run into its RUN_DIR/tensorboard (`tensorboard --logdir
+    STUDY_DIR` shows them all); a folder logs each into FOLDER/<run directory's name>."""
     study = load_study(name_or_path, epochs_scale=epochs_scale, subset=subset, repeats=repeats,
                        dataset=dataset)
     study_dir = _open_study_dir(study, out)
     plan = [(dir_name, study.config_for(run, offset))
             for run in study.runs for offset, dir_name in study.dir_names(run)]
+    if tensorboard is not False:
+        for dir_name, cfg in plan:
+            cfg.log.tensorboard = True
+            if tensorboard is not True:
+                cfg.log.tensorboard_dir = str(Path(tensorboard) / dir_name)
     resolved = study.to_toml()
     recorded = study_dir / STUDY_FILE
     # The report is stale when the study's description or reference data changed, or a run did.

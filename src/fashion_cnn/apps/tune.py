@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import fileio
+from ..analysis.tensorboard import TensorBoardLogger
 from ..catalog import file_in, names
 from ..errors import NonFiniteLoss, SpecError, UserError, require_module
 from ..fileio import read_toml, toml_value
@@ -336,20 +337,29 @@ def _best(study):
         return None
 
 
-def _make_objective(optuna, space: SearchSpace, data):
+def _make_objective(optuna, space: SearchSpace, data, log_dir: Path | None):
     """Optuna's objective: train one sampled config, reporting each epoch to the pruner; the
-    last epoch's objective. A diverging setting fails the trial (caught), not the search."""
+    last epoch's objective. A diverging setting fails the trial (caught), not the search.
+    With `log_dir`, each trial logs for TensorBoard into log_dir/trial-NNNN."""
     def objective(trial):
         sampled = suggest(trial, space)
         cfg = resolve_config(space.recipe, **space.fixed, **sampled)
         configure_runtime(cfg.train.threads)
         report = ReportToTrial(trial, space.objective)
-        trainer = Trainer(cfg, splits_for(cfg, data), callbacks=[report])
+        logger = (TensorBoardLogger(log_dir / f"trial-{trial.number:04d}", enabled=True)
+                  if log_dir is not None else None)
+        trainer = Trainer(cfg, splits_for(cfg, data),
+                          callbacks=[report] + ([logger] if logger else []))
         try:
             trainer.fit()
         except NonFiniteLoss as stop:  # this setting diverges
             trial.set_user_attr("fail_reason", "non-finite loss")
             raise _Diverged(str(stop)) from None
+        finally:
+            if logger is not None:  # the trial's settings and how far it got, pruned or not
+                history = trainer.state.history
+                logger.finish(cfg, {space.objective: history[-1].get(space.objective)
+                                    if history else None}, len(history))
         if report.pruned_at is not None:
             raise optuna.TrialPruned(f"pruned after epoch {report.pruned_at}")
         value = trainer.state.history[-1][space.objective]
@@ -382,14 +392,17 @@ def _make_after_trial(space: SearchSpace, out_dir: Path, progress: bool):
 def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float | None = None,
          out: str | os.PathLike | None = None, storage: str | os.PathLike | None = None,
          study_name: str | None = None, seed: int | None = None, prune: bool = True, data=None,
-         progress: bool = True, **overrides) -> TuneResult:
+         progress: bool = True, tensorboard: bool | str | os.PathLike = False,
+         **overrides) -> TuneResult:
     """Search `space` (a built-in name, a TOML path or a SearchSpace) for `trials` trials or
     `timeout` seconds (at least one of them), judging each trial by its validation objective.
 
     `overrides` ("section.key" = value) apply to every trial, over the space's [set] (e.g.
     {"train.threads": 1} for one of several processes sharing a study). `seed` seeds the
     sampler; by default 0, except with a shared `storage`, where each process must sample
-    differently and so draws its own.
+    differently and so draws its own. `tensorboard`: True logs each trial into
+    OUT/tensorboard/trial-NNNN, a folder into FOLDER/trial-NNNN (the HParams tab then
+    compares the trials by their objective).
     """
     optuna = require_module("optuna", "tune", INSTALL_HINT)
     if trials is None and timeout is None:
@@ -418,7 +431,9 @@ def tune(space: str | SearchSpace, *, trials: int | None = None, timeout: float 
     data = data_for(base, data)
     interrupted = False
     try:
-        study.optimize(_make_objective(optuna, space, data), n_trials=trials, timeout=timeout,
+        log_dir = (None if tensorboard is False else
+                   out_dir / "tensorboard" if tensorboard is True else Path(tensorboard))
+        study.optimize(_make_objective(optuna, space, data, log_dir), n_trials=trials, timeout=timeout,
                        catch=(_Diverged,), callbacks=[_make_after_trial(space, out_dir, progress)],
                        gc_after_trial=True)
     except KeyboardInterrupt:

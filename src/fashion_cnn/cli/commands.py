@@ -38,24 +38,38 @@ def _parse_set(text: str) -> tuple[str, object]:
     return key.strip(), parsed
 
 
+# The training options of `train` (argparse dest -> the config setting each overrides); the
+# parser's recipe-aware --help shows the recipe's value of each.
+TRAIN_FLAGS = {
+    "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
+    "seed": "train.seed", "threads": "train.threads", "precision": "train.precision",
+    "optimizer": "train.optimizer", "weight_decay": "train.weight_decay",
+    "label_smoothing": "train.label_smoothing", "subset": "data.subset",
+    "validation_split": "data.validation_split", "data_dir": "data.data_dir",
+    "augment": "augment.enabled", "checkpoint_every": "checkpoint.every",
+    "checkpoint_name": "checkpoint.filename", "save_best_only": "checkpoint.save_best_only",
+    "monitor": "checkpoint.monitor", "keep_last": "checkpoint.keep_last",
+    "early_stopping": "checkpoint.early_stopping", "min_delta": "checkpoint.min_delta",
+    "restore_best": "checkpoint.restore_best", "compile": "train.compile",
+    "dataset": "data.dataset", "strict": "data.strict", "device": "train.device",
+    "cpu_kernels": "train.cpu_kernels", "deterministic": "train.deterministic",
+}
+
+
 def _train_overrides(args) -> dict:
-    flag_map = {
-        "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
-        "seed": "train.seed", "threads": "train.threads", "precision": "train.precision",
-        "optimizer": "train.optimizer", "weight_decay": "train.weight_decay",
-        "label_smoothing": "train.label_smoothing", "subset": "data.subset",
-        "validation_split": "data.validation_split", "data_dir": "data.data_dir",
-        "augment": "augment.enabled", "checkpoint_every": "checkpoint.every",
-        "checkpoint_name": "checkpoint.filename", "save_best_only": "checkpoint.save_best_only",
-        "monitor": "checkpoint.monitor", "keep_last": "checkpoint.keep_last",
-        "early_stopping": "checkpoint.early_stopping", "min_delta": "checkpoint.min_delta",
-        "restore_best": "checkpoint.restore_best", "compile": "train.compile",
-        "dataset": "data.dataset", "strict": "data.strict", "device": "train.device",
-        "cpu_kernels": "train.cpu_kernels", "deterministic": "train.deterministic",
-    }
-    overrides = {dotted: getattr(args, flag) for flag, dotted in flag_map.items()
+    overrides = {dotted: getattr(args, flag) for flag, dotted in TRAIN_FLAGS.items()
                  if getattr(args, flag, None) is not None}
+    overrides.update(_tensorboard_overrides(getattr(args, "tensorboard", None)))
     return {**overrides, **_set_overrides(args)}
+
+
+def _tensorboard_overrides(tensorboard) -> dict:
+    """--tensorboard (True) or --tensorboard DIR as [log] settings."""
+    if tensorboard is None:
+        return {}
+    if tensorboard is True:
+        return {"log.tensorboard": True}
+    return {"log.tensorboard": True, "log.tensorboard_dir": tensorboard}
 
 
 def _set_overrides(args) -> dict:
@@ -149,6 +163,12 @@ def cmd_train(args) -> int:
     from ..training.recipes import resolve_config
 
     overrides = _train_overrides(args)
+    if args.show_config:
+        from ..training.config import to_toml
+        from ..training.run import run_config
+
+        print(to_toml(run_config(args.model, **overrides)))
+        return 0
     if args.resume:
         if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
             raise UserError(f"--out {args.out} and --resume {args.resume} name different run "
@@ -190,7 +210,8 @@ def cmd_resume(args) -> int:
     from ..analysis import runs
 
     result = runs.resume(args.run_dir, epochs=args.epochs, progress=not args.quiet,
-                        plots=not args.no_plots, device=args.device)
+                        plots=not args.no_plots, device=args.device,
+                        tensorboard=args.tensorboard)
     _print_result(result)
     return 0
 
@@ -312,7 +333,9 @@ def cmd_tune(args) -> int:
     overrides.update(_set_overrides(args))
     result = tune(args.space, trials=args.trials, timeout=args.timeout, out=args.out,
                   storage=args.storage, study_name=args.study_name, seed=args.seed,
-                  prune=not args.no_prune, progress=not args.quiet, **overrides)
+                  prune=not args.no_prune, progress=not args.quiet,
+                  tensorboard=False if args.tensorboard is None else args.tensorboard,
+                  **overrides)
     if result.best_trial is None:
         print(f"No trial finished; trials so far in {result.out_dir / 'trials.csv'}")
     else:
@@ -358,7 +381,8 @@ def cmd_study(args) -> int:
     _one_process("study", "train a recipe under torchrun instead")
 
     result = run_study(args.study, args.out, epochs_scale=args.epochs_scale, subset=args.subset,
-                       repeats=args.repeats, dataset=args.dataset, progress=not args.quiet)
+                       repeats=args.repeats, dataset=args.dataset, progress=not args.quiet,
+                       tensorboard=False if args.tensorboard is None else args.tensorboard)
     print_study_result(result)
     return 0
 

@@ -22,6 +22,7 @@ MAX_EPOCHS = 100_000
 MAX_BATCH = 65_536            # images per batch
 MAX_THREADS = 1024            # fixed, not the CPU count, so that a run's config reads anywhere
 MAX_IMAGES = 10**9            # data.subset
+MAX_STEPS = 10**9             # log.tensorboard_every (optimizer steps)
 MAX_IMAGE_SIZE = 4096         # pixels per side (data.image_size, data.pad)
 # Seeds: torch's generators take seed * 1000 + a per-process offset (training.loop), which must
 # fit in 64 bits; 2**53 also survives a round trip through JSON and floats.
@@ -66,6 +67,7 @@ def integer_rules(cfg) -> list[Rule]:
         (c.every, 0, MAX_EPOCHS, "checkpoint.every", None),
         (c.keep_last, 0, MAX_EPOCHS, "checkpoint.keep_last", None),
         (c.early_stopping, 0, MAX_EPOCHS, "checkpoint.early_stopping", None),
+        (cfg.log.tensorboard_every, 0, MAX_STEPS, "log.tensorboard_every", None),
     ]
     rules = []
     for value, lowest, highest, setting, special in bounds:

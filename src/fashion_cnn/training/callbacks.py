@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from pathlib import Path
 
 from ..errors import CheckpointError, UserError
@@ -45,52 +44,6 @@ class HistoryWriter:
 
     def on_epoch_end(self, trainer, epoch, logs):
         self.run_dir.write_history(trainer.state.history)
-
-
-class ProgressBar:
-    """A bar with ETA on a terminal; one plain line per epoch otherwise (CI, log files)."""
-
-    def __init__(self, stream=None, width: int = 28):
-        self.stream = stream or sys.stdout
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.width = width
-        self._last = 0.0
-
-    def on_epoch_begin(self, trainer, epoch):
-        self._start = time.perf_counter()
-
-    def on_batch_end(self, trainer, batch, steps):
-        now = time.perf_counter()
-        if not self.tty or (now - self._last < 0.2 and batch < steps):
-            return
-        self._last = now
-        done = int(self.width * batch / steps)
-        eta = (now - self._start) / batch * (steps - batch)
-        self.stream.write(f"\rEpoch {trainer.state.epoch + 1}/{trainer.config.train.epochs} "
-                          f"[{'=' * done}{'.' * (self.width - done)}] {batch}/{steps} "
-                          f"ETA {eta:4.0f}s ")
-        self.stream.flush()
-
-    def on_epoch_end(self, trainer, epoch, logs):
-        parts = [f"Epoch {epoch + 1}/{trainer.config.train.epochs}", f"{logs['seconds']:.1f}s"]
-        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-            if key in logs:
-                parts.append(f"{key}: {logs[key]:.4f}")
-        if logs.get("penalty"):
-            parts.append(f"penalty: {logs['penalty']:.4f}")
-        self.stream.write(("\r" if self.tty else "") + " - ".join(parts).ljust(self.width + 40) + "\n")
-        self.stream.flush()
-
-    def on_interrupt(self, trainer):
-        if self.tty:  # end the bar's line before the stop message
-            self.stream.write("\n")
-            self.stream.flush()
-
-    def on_train_end(self, trainer):
-        reason = getattr(trainer, "stop_reason", None)
-        if reason:
-            self.stream.write(reason + "\n")
-            self.stream.flush()
 
 
 def check_options(cfg) -> None:

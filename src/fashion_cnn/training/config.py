@@ -1,7 +1,7 @@
 """Run configuration: recipes in, one fully resolved `config.toml` out.
 
 A recipe is a TOML file naming a model (zoo name, spec path, or an inline [model] table) with
-[data], [augment], [train] and [checkpoint] settings. Command-line options override it; the
+[data], [augment], [train], [checkpoint] and [log] settings. Command-line options override it; the
 resolved result is written with every run so the run can be repeated from it alone.
 """
 
@@ -84,8 +84,16 @@ class CheckpointConfig:
     restore_best: bool = False      # at the end, restore the weights of the best epoch
 
 
+@dataclass
+class LogConfig:
+    tensorboard: bool = False       # write TensorBoard event files (pip install 'fashion-cnn[tensorboard]')
+    tensorboard_dir: str = ""       # where they go ("" = RUN_DIR/tensorboard)
+    tensorboard_every: int = 100    # log the running training loss every N optimizer steps (0 = never)
+    histograms: bool = True         # weight and gradient histograms of every layer, each epoch
+
+
 SECTIONS = {"data": DataConfig, "augment": AugmentConfig, "train": TrainConfig,
-            "checkpoint": CheckpointConfig}
+            "checkpoint": CheckpointConfig, "log": LogConfig}
 CHOICES = {("augment", "fill_mode"): ("nearest", "constant", "reflect"),
            ("data", "fit"): ("letterbox", "crop", "stretch"),
            ("data", "order"): ("auto", "shuffle", "stored"),
@@ -120,6 +128,7 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     module: ModuleInfo | None = None
 
     @property
@@ -171,6 +180,7 @@ class RunConfig:
         """Hash of everything that determines the run's weights (epochs may be extended)."""
         data = self.to_data()
         data.pop("description", None)
+        data.pop("log", None)  # what is logged, and where, changes no weight
         for section, key in ignore:
             data[section].pop(key, None)
         data["data"].pop("data_dir", None)

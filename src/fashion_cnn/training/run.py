@@ -33,7 +33,8 @@ from ..models.cpu_pass import is_accelerated
 from ..models.spec import check_memory
 from ..perf import configure_runtime, return_freed_memory
 from . import distributed
-from .callbacks import (EarlyStopping, HistoryWriter, ModelCheckpoint, ProgressBar, best_epoch,
+from .progress import ProgressBar
+from .callbacks import (EarlyStopping, HistoryWriter, ModelCheckpoint, best_epoch,
                         check_options)
 from .checkpoint import (checkpoint_weights, load_checkpoint, load_weights, newest_intact,
                          recover_checkpoints, save_run_weights, verify_run_weights)
@@ -321,6 +322,25 @@ def _model_for_run(cfg: RunConfig, model, run_dir: RunDir):
         print(f"warning: {run_dir} was trained with a {cfg.module.qualname}; using the given "
               f"{given.qualname}", file=sys.stderr)
     return model
+
+
+def run_config(name_or_config: str | os.PathLike | RunConfig, *, data: ImageData | None = None,
+               **overrides) -> RunConfig:
+    """The configuration a run of `name_or_config` with these overrides would write as its
+    config.toml, without training: resolved, checked, its precision settled for its device and
+    bound to its data (image size, channels, class names, the model adapted to them).
+    `fashion-cnn train ... --show-config` prints it (config.to_toml).
+
+    >>> run_config("fast", epochs=3).train.epochs                 # doctest: +SKIP
+    3
+    """
+    cfg = resolve_config(os.fspath(name_or_config) if isinstance(name_or_config, os.PathLike)
+                         else name_or_config, **overrides)
+    check_options(cfg)
+    settle_device(cfg, bool({"precision", "train.precision"} & set(overrides)))
+    if cfg.model is not None:
+        bind_to_data(cfg, data_for(cfg, data))
+    return cfg
 
 
 def train(name_or_config: str | RunConfig | None = None, out: str | os.PathLike | None = None,
