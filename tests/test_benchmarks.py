@@ -135,3 +135,11 @@ def test_photo_like_smoke(tmp_path):
     # a light background is detected and negated; a dark one is not
     assert [v["inverted_fraction"] for v in result["variants"]] == [1.0, 1.0, 0.0]
     assert "agrees with original" in stdout
+
+
+def test_watch_cost_smoke(tmp_path):
+    pytest.importorskip("tensorboard")
+    result, stdout = run_smoke("watch_cost", tmp_path)
+    assert set(result["seconds"]) == {"none", "bar", "tensorboard"}
+    assert all(len(v) == 1 and positive(v[0]) for v in result["seconds"].values())
+    assert result["median_ratio"]["none"] == 1.0 and "tensorboard" in stdout

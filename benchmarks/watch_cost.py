@@ -1,0 +1,89 @@
+"""What watching training costs: one `fast` epoch with no display, with the progress bar
+(terminal mode: redrawn every 0.5 s from the running sums), and with TensorBoard logging
+(per-epoch scalars, per-step loss every 100 steps, weight and gradient histograms, flushes).
+
+Each round trains one epoch of each variant, in a rotating order, so that drift in the
+machine's speed hits all alike; the table gives the median wall time of `fit()` (training,
+validation and the callbacks' epoch-end work) and its ratio to the bare epoch.
+
+    .venv/bin/python benchmarks/watch_cost.py --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import common
+import torch
+
+from fashion_cnn.analysis.tensorboard import TensorBoardLogger
+from fashion_cnn.data.fashion_mnist import load_data
+from fashion_cnn.perf import configure_runtime
+from fashion_cnn.training.loop import Trainer
+from fashion_cnn.training.progress import ProgressBar
+from fashion_cnn.training.recipes import resolve_config
+from fashion_cnn.training.run import settle_device, splits_for
+
+VARIANTS = ("none", "bar", "tensorboard")
+
+
+def callbacks_for(variant: str, log_dir: str, sink) -> list:
+    if variant == "bar":
+        return [ProgressBar(stream=sink, mode="terminal")]
+    if variant == "tensorboard":
+        return [TensorBoardLogger(log_dir, enabled=True)]
+    return []
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="fast")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--subset", type=int, default=0, help="training images (0: all)")
+    parser.add_argument("--smoke", action="store_true", help="one round on 1,000 images")
+    parser.add_argument("--out", default=str(common.OUT_DIR / "watch_cost.json"))
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.subset = 1, 1000
+    overrides = {"train.epochs": 1}
+    if args.subset:
+        overrides["data.subset"] = args.subset
+    cfg = resolve_config(args.recipe, **overrides)
+    settle_device(cfg, False)
+    configure_runtime(cfg.train.threads)
+    splits = splits_for(cfg, load_data())
+    seconds = {v: [] for v in VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as sink:
+        for round_index in range(args.rounds):
+            order = VARIANTS[round_index % 3:] + VARIANTS[:round_index % 3]
+            for variant in order:
+                trainer = Trainer(cfg, splits, callbacks_for(
+                    variant, os.path.join(tmp, f"{variant}-{round_index}"), sink))
+                start = time.perf_counter()
+                trainer.fit()
+                seconds[variant].append(time.perf_counter() - start)
+                for callback in trainer.callbacks:  # close the event files
+                    getattr(callback, "_close", lambda: None)()
+            common.note(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
+                f"{v} {seconds[v][-1]:.2f} s" for v in VARIANTS))
+    base = common.median(seconds["none"])
+    rows = [[v, common.fmt(common.median(seconds[v])),
+             f"{common.median(seconds[v]) / base:.3f}",
+             f"{(common.median(seconds[v]) / base - 1) * 100:+.1f} %"] for v in VARIANTS]
+    print(f"\n{args.recipe}: one epoch ({len(splits.x_train):,} images, "
+          f"{torch.get_num_threads()} threads), median of {args.rounds} rounds")
+    print(common.table(["variant", "seconds", "ratio", "cost"], rows))
+    common.write_result(args.out, {"machine": common.machine_info(), "recipe": args.recipe,
+                                   "rounds": args.rounds, "images": len(splits.x_train),
+                                   "seconds": seconds,
+                                   "median_ratio": {v: common.median(seconds[v]) / base
+                                                    for v in VARIANTS}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
