@@ -188,7 +188,7 @@ def test_report_table_matches_every_run_metrics(quick_study):
     assert f"Highest test accuracy: {best}, {table[best]['Test accuracy']}" in page
     assert "quick version of the study" in page
     for figure in ("references", "learning_curves", "weights", "confusion_seed-model4",
-                   "augmentation_seed-model4"):
+                   "augmentation_seed-model4", "gradcam_seed-model4", "gradcam_seed-dense"):
         assert (quick_study / "report_files" / f"{figure}.png").is_file(), figure
         assert f"(report_files/{figure}.png)" in (quick_study / "report.md").read_text()
 

@@ -21,6 +21,7 @@ from ..training.progress import in_notebook
 from ..training.recipes import resolve_config
 from ..training.run import data_for, load_model, open_run, run_name
 from ..training.rundir import RunDir
+from .explain import figure_gradcam
 from .figures import (DPI, LIVE_DPI, figure_compare_curves, figure_compare_weights,
                       figure_confusion, figure_metrics, figure_png, figure_weights,
                       named_weight_layers, save_figure)
@@ -30,7 +31,8 @@ from .metrics import confusion_matrix, one_per_class, softmax
 from .tables import write_per_class
 
 RUN_FIGURES = ("metrics.png", "confusion_matrix.png", "confusion_matrix_normalized.png",
-               "predictions.png", "misclassified.png", "weights.png", "activations.png")
+               "predictions.png", "misclassified.png", "weights.png", "activations.png",
+               "gradcam.png")
 RUN_TABLES = ("per_class.csv", "confused_pairs.csv", "confusion_matrix.csv")
 LIVE_FIGURE = "metrics.png"  # the figure LivePlot redraws each epoch (also in RUN_FIGURES)
 
@@ -144,6 +146,8 @@ def write_run_plots(run_dir: str | os.PathLike, *, model, config: RunConfig, spl
         "weights.png": lambda: figure_weights(model, f"{name}: kernel weights of each layer"),
         "activations.png": lambda: figure_activations(model, splits.x_test, y,
                                                       class_names=names),
+        "gradcam.png": lambda: figure_gradcam(model, splits.x_test, y, probabilities,
+                                              class_names=names),
     }
     if config.augment.enabled and len(splits.x_train):
         figures["augment_preview.png"] = lambda: figure_augmentation(

@@ -137,6 +137,13 @@ def write_figures(study_dir: Path, study, summaries: list[RunSummary], data=None
             target = files / f"confusion_{s.name}.png"
             fileio.write_bytes(target, source.read_bytes())
             sections["confusion"].append(ReportFigure(target, s.name))
+    sections["gradcam"] = []
+    for s in done:
+        source = RunDir(s.run_dirs[0]).plot("gradcam.png")
+        if source.is_file():  # runs from before gradcam.png existed have none
+            target = files / f"gradcam_{s.name}.png"
+            fileio.write_bytes(target, source.read_bytes())
+            sections["gradcam"].append(ReportFigure(target, s.name, s.name))
     sections["augmentation"] = []
     for s in done:
         cfg = s.configs[0]
@@ -155,7 +162,12 @@ def write_figures(study_dir: Path, study, summaries: list[RunSummary], data=None
 
 SECTION_TITLES = (("references", "Test accuracy and training time"), ("curves", "Learning curves"),
                   ("confusion", "Confusion matrices (test set)"),
+                  ("gradcam", "What each model looked at (Grad-CAM; saliency without a Conv2D)"),
                   ("weights", "Weight histograms"), ("augmentation", "Augmentation"))
+
+# sections whose figures are shown one per row, at full width: their tiles and captions are
+# too small to read at half width
+FULL_WIDTH = ("gradcam",)
 
 
 CSS = """
@@ -242,7 +254,7 @@ def render_html(study, summaries, rows, notes, figures, generated: str) -> str:
         if not items:
             continue
         out.append(f"<h2>{e(title)}</h2>")
-        grid = len(items) > 1
+        grid = len(items) > 1 and key not in FULL_WIDTH
         if grid:
             out.append('<div class="grid">')
         for figure in items:

@@ -25,7 +25,8 @@ FLAGS = {"out": "--out", "n": "-n", "train.epochs": "--epochs", "train.lr": "--l
          "checkpoint.early_stopping": "--early-stopping",
          "checkpoint.restore_best": "--restore-best", "trials": "--trials",
          "train.device": "--device", "device": "--device", "train.precision": "--precision",
-         "storage": "--storage", "timeout": "--timeout", "seed": "--seed"}
+         "storage": "--storage", "timeout": "--timeout", "seed": "--seed", "layer": "--layer",
+         "log.tensorboard": "--tensorboard", "log.tensorboard_dir": "--tensorboard"}
 EXIT_USER_ERROR = 2       # a bad option, file or config
 EXIT_NON_FINITE_LOSS = 3  # training diverged
 EXIT_STOPPED = 1          # any other stop of training before its end

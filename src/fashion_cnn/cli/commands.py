@@ -242,6 +242,18 @@ def cmd_predict(args) -> int:
 
     if args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}")
+    if args.explain:  # first: a bad --layer is refused before anything is printed
+        from ..apps.predict import explain_files
+
+        explained = explain_files(args.run_dir, args.images, args.explain,
+                                  checkpoint=args.checkpoint, invert=args.invert,
+                                  layer=args.layer, device=args.device, tta=args.tta)
+        written = [f for e in explained for f in e.files]
+        print(f"Wrote {len(written)} explanation PNGs to {printable(args.explain)}",
+              file=sys.stderr)
+    elif args.layer is not None:
+        raise UserError("--layer chooses the Conv2D layer of --explain; give --explain DIR too",
+                        setting="layer")
     results = predict_files(args.run_dir, args.images, checkpoint=args.checkpoint,
                             invert=args.invert, tta=args.tta, device=args.device)
     if args.save_inputs:

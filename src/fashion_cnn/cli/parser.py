@@ -215,6 +215,13 @@ def _run_commands(sub) -> None:
                    help="test-time augmentation (default: the run's own)")
     p.add_argument("--save-inputs", metavar="DIR",
                    help="also write each 28x28 model input as a PNG here (what the model saw)")
+    p.add_argument("--explain", metavar="DIR",
+                   help="also write, per image, the model input with its Grad-CAM heatmap "
+                        "(SmoothGrad saliency for a model without Conv2D) and the heatmap "
+                        "drawn back onto the photo")
+    p.add_argument("--layer", type=int, metavar="N",
+                   help="the Conv2D layer Grad-CAM explains, counted from 0 (negative: from "
+                        "the end; default: the last)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=commands.cmd_predict)
 
