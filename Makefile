@@ -33,7 +33,8 @@ data:
 compiler:
 	@sh scripts/ensure-package.sh gcc "command -v cc || command -v gcc"
 
-# Headless Chromium for the HTML report test (Debian's package).
+# Headless Chromium for the browser tests (the HTML report, the serve page): Debian's package,
+# driven by Playwright from the test extra, which never downloads a browser of its own.
 browser:
 	@sh scripts/ensure-package.sh chromium "command -v chromium"
 

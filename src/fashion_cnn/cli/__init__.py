@@ -26,6 +26,9 @@ FLAGS = {"out": "--out", "n": "-n", "train.epochs": "--epochs", "train.lr": "--l
          "checkpoint.restore_best": "--restore-best", "trials": "--trials",
          "train.device": "--device", "device": "--device", "train.precision": "--precision",
          "storage": "--storage", "timeout": "--timeout", "seed": "--seed", "layer": "--layer",
+         "port": "--port", "max_files": "--max-files", "max_pixels": "--max-pixels",
+         "request_seconds": "--request-timeout", "max_connections": "--max-connections",
+         "threads": "--threads",
          "log.tensorboard": "--tensorboard", "log.tensorboard_dir": "--tensorboard"}
 EXIT_USER_ERROR = 2       # a bad option, file or config
 EXIT_NON_FINITE_LOSS = 3  # training diverged

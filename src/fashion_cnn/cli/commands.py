@@ -413,3 +413,16 @@ def cmd_env(args) -> int:
     report = environment_report()
     print(json.dumps(report, indent=2) if args.json else format_environment(report))
     return 0
+
+
+def cmd_serve(args) -> int:
+    from ..apps.serve import Limits, serve
+
+    if not 0 < args.max_file_mb < float("inf"):
+        raise UserError(f"--max-file-mb must be a positive number of MiB, got {args.max_file_mb}")
+    limits = Limits(max_file_bytes=max(1, int(args.max_file_mb * 2**20)),
+                    max_files=args.max_files, max_pixels=args.max_pixels,
+                    request_seconds=args.request_timeout, max_connections=args.max_connections)
+    serve(args.run_dir, host=args.host, port=args.port, checkpoint=args.checkpoint,
+          device=args.device, limits=limits, threads=args.threads)
+    return 0

@@ -251,6 +251,32 @@ def _run_commands(sub) -> None:
     p.set_defaults(func=commands.cmd_import_keras)
 
 
+def _serve_command(sub) -> None:
+    p = sub.add_parser("serve", help="serve a run as a web page and a JSON API (predictions, "
+                                     "Grad-CAM, its figures)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; any other "
+                        "makes the model reachable from others, without authentication)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--checkpoint", help="a checkpoint name or epoch number instead of the final weights")
+    _add_device_option(p, "where to compute (default: the run's own, or the CPU)")
+    p.add_argument("--threads", type=int, help="torch threads for the model (default: half the "
+                                               "cores, 1 to 4)")
+    g = p.add_argument_group("limits (each request)")
+    g.add_argument("--max-file-mb", type=float, default=10.0,
+                   help="size of one uploaded file, in MiB (default 10)")
+    g.add_argument("--max-files", type=int, default=16, help="images per request (default 16)")
+    g.add_argument("--max-pixels", type=int,
+                   help="width x height of one image, checked before decoding (default: the "
+                        "image pixel budget, docs/limits.md)")
+    g.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="from a request's start to its answer (default 30)")
+    g.add_argument("--max-connections", type=int, default=128,
+                   help="concurrent connections; more are answered 503 (default 128)")
+    p.set_defaults(func=commands.cmd_serve)
+
+
 def _figure_commands(sub) -> None:
     p = sub.add_parser("augment-preview", help="grid of original vs augmented training images")
     p.add_argument("recipe", metavar="RECIPE",
@@ -311,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     _training_commands(sub)
     _run_commands(sub)
     _figure_commands(sub)
+    _serve_command(sub)
     p = sub.add_parser("env", help="print versions, devices, precisions, C kernels and data "
                                    "directory (for a bug report)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
