@@ -143,3 +143,4 @@ def test_watch_cost_smoke(tmp_path):
     assert set(result["seconds"]) == {"none", "bar", "tensorboard"}
     assert all(len(v) == 1 and positive(v[0]) for v in result["seconds"].values())
     assert result["median_ratio"]["none"] == 1.0 and "tensorboard" in stdout
+    assert result["callback_share"]["none"] == 0 and result["callback_share"]["bar"] > 0
