@@ -101,16 +101,18 @@ __all__ = [
     "accelerate", "plain", "is_accelerated",
     # configuration and training
     "RunConfig", "bind_to_data", "list_recipes", "load_config", "resolve_config", "Trainer", "evaluate", "train",
-    "resume", "RunResult", "RunDir", "evaluate_run", "load_model",
+    "resume", "RunResult", "RunDir", "evaluate_run", "load_model", "run_config", "ProgressBar",
     # analysis
     "LivePlot", "confusion_matrix", "per_class_table", "softmax", "figure_metrics",
     "figure_confusion", "figure_weights", "figure_compare_curves", "figure_predictions",
     "figure_misclassified", "figure_activations", "augmentation_preview", "plots_from_run",
     "compare_runs", "list_studies", "load_study", "run_study", "write_report",
-    "results_markdown",
+    "results_markdown", "TensorBoardLogger", "gradcam", "saliency", "overlay_heatmap",
+    "figure_gradcam",
     # apps
     "predict_files", "save_inputs", "export_onnx", "tune", "import_keras", "load_keras",
-    "keras_to_spec", "environment_report", "format_environment",
+    "keras_to_spec", "environment_report", "format_environment", "explain_files", "create_app",
+    "serve",
     # errors
     "UserError", "DataError", "SpecError", "CheckpointError", "TrainingStopped", "Interrupted",
     "NonFiniteLoss",
