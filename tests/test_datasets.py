@@ -16,7 +16,7 @@ from fashion_cnn.data.sources import open_dataset
 from fashion_cnn.errors import DataError, SpecError
 from fashion_cnn.models.spec import adapt_spec, summary
 from fashion_cnn.models.zoo import get_model_spec
-from fashion_cnn.training import run
+from fashion_cnn.training import reload, run
 
 FP32 = {"train.precision": "fp32", "train.threads": 1}
 
@@ -145,7 +145,7 @@ def test_every_command_runs_on_a_colour_folder(colour_folder, tmp_path, capsys, 
     assert main(["predict", "spec", str(image), "--json"]) == 0
     capsys.readouterr()
     # predict applies the run's mean/std: it agrees with evaluation on the same test images
-    cfg, model, splits = run.open_run("spec")
+    cfg, model, splits = reload.open_run("spec")
     data = run.data_for(cfg)
     from fashion_cnn.apps.predict import predict_arrays
     probabilities = predict_arrays(model, cfg, data.test_images[:64])

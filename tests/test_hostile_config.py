@@ -574,7 +574,8 @@ def tiny_run(tmp_path_factory):
 
 def test_a_run_reads_anywhere_and_its_model_is_checked_where_it_is_built(tiny_run, monkeypatch):
     from fashion_cnn.training.rundir import RunDir
-    from fashion_cnn.training.run import load_model, resume
+    from fashion_cnn.training.reload import load_model
+    from fashion_cnn.training.run import resume
 
     run_dir, data = tiny_run
     monkeypatch.setenv(MEMORY_BUDGET_ENV, "0.000001")  # a kilobyte: nothing fits

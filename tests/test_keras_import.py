@@ -23,7 +23,8 @@ from fashion_cnn.apps.keras_import import import_keras
 from fashion_cnn.models.keras_format import keras_to_spec, load_keras
 from fashion_cnn.errors import CheckpointError, SpecError, UserError
 from fashion_cnn.training.rundir import RunDir
-from fashion_cnn.training.run import evaluate_run, load_model, resume
+from fashion_cnn.training.reload import evaluate_run, load_model
+from fashion_cnn.training.run import resume
 
 h5py = pytest.importorskip("h5py")
 

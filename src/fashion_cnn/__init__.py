@@ -88,8 +88,8 @@ _EXPORTS = {
     "run_config": "training.run",
     "ProgressBar": "training.progress",
     "TensorBoardLogger": "analysis.tensorboard",
-    "evaluate_run": "training.run",
-    "load_model": "training.run",
+    "evaluate_run": "training.reload",
+    "load_model": "training.reload",
     "RunDir": "training.rundir",
 }
 

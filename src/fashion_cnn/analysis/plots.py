@@ -19,7 +19,8 @@ from ..training.config import RunConfig, bind_to_data
 from ..training.loop import evaluate, module_device
 from ..training.progress import in_notebook
 from ..training.recipes import resolve_config
-from ..training.run import data_for, load_model, open_run, run_name
+from ..training.reload import load_model, open_run
+from ..training.run import data_for, run_name
 from ..training.rundir import RunDir
 from .explain import figure_gradcam
 from .figures import (DPI, LIVE_DPI, figure_compare_curves, figure_compare_weights,
@@ -164,7 +165,7 @@ def plots_from_run(run_dir: str | os.PathLike, checkpoint: str | None = None,
     """Regenerate every figure of a run from its saved weights (or a checkpoint's) and
     history. Writes into RUN_DIR/plots/ (a checkpoint's into RUN_DIR/plots/<checkpoint>/)
     unless `out_dir` is given; returns (folder, per-class text). `model`: a new instance of a
-    plain PyTorch module's run's module; `device`: where to compute (training.run.load_model)."""
+    plain PyTorch module's run's module; `device`: where to compute (training.reload.load_model)."""
     run = RunDir(run_dir)
     config = run.read_config()
     if checkpoint:

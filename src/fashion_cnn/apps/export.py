@@ -84,7 +84,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     """Write the run's model (final weights, or a checkpoint's) as ONNX to `out` (default
     RUN_DIR/model.onnx), atomically; with `check`, compare onnxruntime's output with
     PyTorch's on CHECK_IMAGES images and raise if they differ by more than CHECK_TOLERANCE."""
-    from ..training.run import load_model
+    from ..training.reload import load_model
 
     require_module("onnxscript", "export", INSTALL_HINT)
     if check:

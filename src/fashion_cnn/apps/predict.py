@@ -244,7 +244,7 @@ def predict_files(run_dir: str | os.PathLike, paths, *, checkpoint: str | None =
     the pixel budget, a colour mode that cannot be converted), gets a Prediction with `error`
     set, one line naming it; the others are predicted all the same, in one batch.
     """
-    from ..training.run import open_run
+    from ..training.reload import open_run
 
     _check_invert(invert)  # before the model loads, and whether or not any image does
     config, model, _ = open_run(run_dir, checkpoint, with_splits=False, device=device)
@@ -390,7 +390,7 @@ def explain_files(run_dir: str | os.PathLike, paths, out_dir: str | os.PathLike,
     [[PosixPath('why/shirt-input.png'), PosixPath('why/shirt-photo.png')]]
     """
     from ..analysis.explain import conv_layer, explain_maps, overlay_heatmap
-    from ..training.run import open_run
+    from ..training.reload import open_run
 
     _check_invert(invert)
     config, model, _ = open_run(run_dir, checkpoint, with_splits=False, device=device)

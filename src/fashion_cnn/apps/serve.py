@@ -135,6 +135,14 @@ def _answer_status(results: list[dict]) -> int:
     return statuses.pop() if len(statuses) == 1 else 400
 
 
+def _json_error(status: int, message: str, **extra):
+    """The one shape of every error answer: {"error": "...", ...}, never cached."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": message, **extra}, status_code=status,
+                        headers={"cache-control": "no-store"})
+
+
 def create_app(run_dir: str | os.PathLike, *, checkpoint: str | None = None,
                device: str | None = None, limits: Limits | None = None,
                threads: int | None = None):
@@ -151,43 +159,50 @@ def create_app(run_dir: str | os.PathLike, *, checkpoint: str | None = None,
 
     require_module("fastapi", "fashion-cnn serve", SERVE_INSTALL)
     require_module("python_multipart", "fashion-cnn serve", SERVE_INSTALL)
-    import anyio
-    from fastapi import FastAPI, Query, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect
+    from fastapi import FastAPI
 
     limits = limits or Limits()
     service = ServedModel(run_dir, checkpoint, device, max_pixels=limits.max_pixels,
                           threads=threads)
-    info = {**service.info, "limits": {**asdict(limits), "max_pixels": service.max_pixels,
-                                       "max_body_bytes": limits.max_body_bytes}}
-    page = resources.files(__package__).joinpath(*PAGE).read_text(encoding="utf-8")
-    name = service.info["run"]
-    app = FastAPI(title=f"fashion-cnn serve: {name}", redoc_url=None,
+    app = FastAPI(title=f"fashion-cnn serve: {service.info['run']}", redoc_url=None,
                   description="Predict with a trained fashion-cnn run; see docs/serve.md.")
+    _add_error_handlers(app)
+    _add_read_routes(app, service, limits)
+    _add_predict_route(app, service, limits)
+    app.add_middleware(_SafetyHeaders)
+    return app
 
-    def error(status: int, message: str, **extra) -> JSONResponse:
-        return JSONResponse({"error": message, **extra}, status_code=status,
-                            headers={"cache-control": "no-store"})
+
+def _add_error_handlers(app) -> None:
+    """Every error, the framework's included, answered as _json_error's one-line JSON."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             detail = f"no such page: {request.url.path[:200]}"
-        return error(exc.status_code, detail)
+        return _json_error(exc.status_code, detail)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
-        return error(422, f"{where}: {first.get('msg', 'invalid')}")
+        return _json_error(422, f"{where}: {first.get('msg', 'invalid')}")
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc):  # logged by uvicorn; the client gets one line
-        return error(500, f"internal error ({type(exc).__name__})")
+        return _json_error(500, f"internal error ({type(exc).__name__})")
+
+
+def _add_read_routes(app, service: ServedModel, limits: Limits) -> None:
+    """GET /, /healthz, /api/model and /api/figures/{name}."""
+    from fastapi.responses import HTMLResponse, Response
+
+    info = {**service.info, "limits": {**asdict(limits), "max_pixels": service.max_pixels,
+                                       "max_body_bytes": limits.max_body_bytes}}
+    page = resources.files(__package__).joinpath(*PAGE).read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index():
@@ -208,16 +223,19 @@ def create_app(run_dir: str | os.PathLike, *, checkpoint: str | None = None,
         try:
             data = service.figure(name)
         except UserError as exc:
-            return error(500, str(exc).replace(str(service.run.path), name))
+            return _json_error(500, str(exc).replace(str(service.run.path), name))
         if data is None:
             from ..analysis.plots import RUN_FIGURES
 
-            return error(404, f"no figure {name[:80]!r} in this run (the run's figures: "
-                         f"{', '.join(service.figures()) or 'none'}; known names: "
-                         f"{', '.join(RUN_FIGURES)})")
+            return _json_error(404, f"no figure {name[:80]!r} in this run (the run's figures: "
+                               f"{', '.join(service.figures()) or 'none'}; known names: "
+                               f"{', '.join(RUN_FIGURES)})")
         return Response(data, media_type="image/png", headers={"cache-control": "no-cache"})
 
-    upload_schema = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+
+def _upload_schema(limits: Limits) -> dict:
+    """The OpenAPI description of /api/predict's multipart body (read by hand, not declared)."""
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
         "schema": {"type": "object", "required": ["file"], "properties": {
             "file": {"type": "array", "items": {"type": "string", "format": "binary"},
                      "description": f"image files (any field name), at most "
@@ -226,7 +244,49 @@ def create_app(run_dir: str | os.PathLike, *, checkpoint: str | None = None,
             "explain": {"type": "boolean"}, "top_k": {"type": "integer"},
             "invert": {"type": "string", "enum": list(INVERT_CHOICES)}}}}}}}
 
-    @app.post("/api/predict", openapi_extra=upload_schema,
+
+async def _read_request(request, folder: Path, limits: Limits, deadline: float, classes: int):
+    """The request's uploads (written into `folder`) and settings: (form, (top_k, explain,
+    invert)); raises RequestRejected (4xx) for a request that cannot be served."""
+    import anyio
+    from starlette.requests import ClientDisconnect
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise RequestRejected(413, f"the request body is {describe_bytes(int(declared))}, "
+                              f"more than {describe_bytes(limits.max_body_bytes)} "
+                              f"({limits.max_files} files of "
+                              f"{describe_bytes(limits.max_file_bytes)} at most)")
+    try:
+        with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+            form = await read_multipart(
+                request.headers.get("content-type"), request.stream(), folder,
+                max_files=limits.max_files, max_file_bytes=limits.max_file_bytes,
+                max_body_bytes=limits.max_body_bytes, fields=FORM_FIELDS)
+        if time.monotonic() > deadline:  # the last chunk came in after it
+            raise TimeoutError
+    except ClientDisconnect:
+        raise RequestRejected(400, "the client disconnected during the upload") from None
+    except TimeoutError:
+        raise RequestRejected(408, f"the upload took longer than the request time limit of "
+                              f"{limits.request_seconds:g} s") from None
+    settings = _settings(request.query_params, form.fields, classes)
+    if not form.uploads:
+        raise RequestRejected(400, "no image in the request: send each image as a multipart "
+                              "file field (curl -F file=@shirt.jpg)")
+    return form, settings
+
+
+def _add_predict_route(app, service: ServedModel, limits: Limits) -> None:
+    """POST /api/predict: read the uploads into a private temporary folder (always removed),
+    predict them in a worker thread (the model's lock serializes them), answer JSON."""
+    import anyio
+    from fastapi import Query, Request
+    from fastapi.responses import JSONResponse
+
+    name, classes = service.info["run"], len(service.info["classes"])
+
+    @app.post("/api/predict", openapi_extra=_upload_schema(limits),
               summary="Classify uploaded images; explain=true adds Grad-CAM overlays")
     async def predict(request: Request,
                       top_k: str | None = Query(None, description="classes per image, 1 to "
@@ -236,37 +296,16 @@ def create_app(run_dir: str | os.PathLike, *, checkpoint: str | None = None,
                       invert: str | None = Query(None, description="auto, yes or no: "
                                                  "negate a photo to a light garment on black")):
         deadline = time.monotonic() + limits.request_seconds
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            return error(413, f"the request body is {describe_bytes(int(declared))}, more than "
-                         f"{describe_bytes(limits.max_body_bytes)} ({limits.max_files} files "
-                         f"of {describe_bytes(limits.max_file_bytes)} at most)")
         folder = tempfile.TemporaryDirectory(prefix="fashion-cnn-serve-")
         try:
             try:
-                with anyio.fail_after(max(0.0, deadline - time.monotonic())):
-                    form = await read_multipart(
-                        request.headers.get("content-type"), request.stream(),
-                        Path(folder.name), max_files=limits.max_files,
-                        max_file_bytes=limits.max_file_bytes,
-                        max_body_bytes=limits.max_body_bytes, fields=FORM_FIELDS)
-                if time.monotonic() > deadline:  # the last chunk came in after it
-                    raise TimeoutError
-                top, explain_on, invert_mode = _settings(request.query_params, form.fields,
-                                                         len(service.info["classes"]))
+                form, (top, explain_on, invert_mode) = await _read_request(
+                    request, Path(folder.name), limits, deadline, classes)
             except RequestRejected as exc:
-                return error(exc.status, exc.message)
-            except ClientDisconnect:
-                return error(400, "the client disconnected during the upload")
-            except TimeoutError:
-                return error(408, f"the upload took longer than the request time limit of "
-                             f"{limits.request_seconds:g} s")
-            if not form.uploads:
-                return error(400, "no image in the request: send each image as a multipart "
-                             "file field (curl -F file=@shirt.jpg)")
+                return _json_error(exc.status, exc.message)
             if explain_on and not service.info["explain"]:
-                return error(422, "explain=true needs a model with a Conv2D layer (Grad-CAM); "
-                             "this run's model has none")
+                return _json_error(422, "explain=true needs a model with a Conv2D layer "
+                                   "(Grad-CAM); this run's model has none")
             try:
                 results = await anyio.to_thread.run_sync(
                     service.predict, form.uploads, top, explain_on, invert_mode, deadline)
@@ -276,7 +315,7 @@ def create_app(run_dir: str | os.PathLike, *, checkpoint: str | None = None,
                               f"time limit of {limits.request_seconds:g} s; try again"},
                     status_code=503, headers={"retry-after": "1", "cache-control": "no-store"})
             except UserError as exc:  # Grad-CAM refusing this model
-                return error(422, first_line(exc))
+                return _json_error(422, first_line(exc))
         finally:
             # here, not awaited: a cancelled request still removes its files
             folder.cleanup()
@@ -287,9 +326,6 @@ def create_app(run_dir: str | os.PathLike, *, checkpoint: str | None = None,
         if status != 200:
             body["error"] = "no usable image: " + "; ".join(r["error"] for r in results)[:2000]
         return JSONResponse(body, status_code=status, headers={"cache-control": "no-store"})
-
-    app.add_middleware(_SafetyHeaders)
-    return app
 
 
 class _SafetyHeaders:

@@ -60,7 +60,8 @@ class ServedModel:
         from ..data.images import max_image_pixels
         from ..training.loop import module_device
         from ..training.rundir import RunDir
-        from ..training.run import open_run, run_name
+        from ..training.reload import open_run
+        from ..training.run import run_name
 
         self.run = RunDir(run_dir)
         budget = max_image_pixels()

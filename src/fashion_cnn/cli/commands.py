@@ -217,7 +217,7 @@ def cmd_resume(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from ..training.run import evaluate_run
+    from ..training.reload import evaluate_run
 
     result = evaluate_run(args.run_dir, checkpoint=args.checkpoint, tta=args.tta,
                           device=args.device)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, first_line
 from .arrays import (ImageData, known_sha256, load_cached_arrays, read_manifest,
                      save_cached_arrays, write_manifest)
 from .fashion_mnist import cache_root
@@ -86,7 +86,7 @@ def _recorded(manifest: dict | None) -> dict:
 
 def _reason(exc: Exception, path: str | Path) -> str:
     """A library error's message about `path` without the path it starts with."""
-    message = _unreadable(exc)
+    message = first_line(exc)
     return message.removeprefix(f"{path}: ")
 
 
@@ -96,10 +96,6 @@ def _progress(total: int, desc: str, enabled: bool | None):
     # disable=None: shown only on a terminal, so logs and CI stay clean
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr,
                 disable=None if enabled is None else not enabled, leave=False)
-
-
-def _unreadable(exc: Exception) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _survey(files: list[Path]) -> tuple[dict, dict]:
@@ -233,7 +229,7 @@ def _decode_folder(root, split_roots, classes, listing, reasons, image_size, cha
                     skipped.append((str(path), _reason(exc, path)))
                     continue
                 except Exception as exc:  # a mode Pillow cannot convert: named below
-                    skipped.append((str(path), f"cannot convert the image ({_unreadable(exc)})"))
+                    skipped.append((str(path), f"cannot convert the image ({first_line(exc)})"))
                     continue
                 labels[kept] = index
                 kept += 1

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import fileio
-from ..errors import DataError, UserError
+from ..errors import DataError, UserError, first_line
 from ..perf import machine_memory_bytes
 
 FITS = ("letterbox", "crop", "stretch")
@@ -182,8 +182,7 @@ def _checked_image(path: Path, error: type[UserError], size: int | None = None,
             raise error(f"{path}: not an image file Pillow can read (PNG, JPEG, WebP, ...)") \
                 from None
         except Exception as exc:  # Pillow raises many kinds on truncated or corrupt data
-            reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise error(f"{path}: cannot decode the image ({reason})") from None
+            raise error(f"{path}: cannot decode the image ({first_line(exc)})") from None
 
 
 def open_image(path: str | os.PathLike, *, upright: bool = False,

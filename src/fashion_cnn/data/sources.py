@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import fileio
-from ..errors import DataError
+from ..errors import DataError, first_line
 from .arrays import ImageData, check_arrays, stratified_holdout
 from .fashion_mnist import check_declared_size, load_data, read_idx
 from .folders import load_image_folder
@@ -49,10 +49,6 @@ KNOWN_IDX = {
                ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]),
 }
 CHECKSUM_FILES = ("SHA256SUMS", "sha256sums.txt", "MD5SUMS", "md5sums.txt", "checksums.txt")
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _read_class_names(path: Path) -> list[str]:
@@ -205,7 +201,7 @@ def load_npz(path: Path) -> ImageData:
     except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile, RuntimeError,
             NotImplementedError) as exc:
         # zipfile and numpy's format reader raise all these on a damaged archive
-        raise DataError(f"{path}: not a readable .npz file ({_first_line(exc)})") from None
+        raise DataError(f"{path}: not a readable .npz file ({first_line(exc)})") from None
     except MemoryError:  # under a memory limit (ulimit -v, a container's)
         raise DataError(f"{path}: its arrays need more memory than this process may take") \
             from None

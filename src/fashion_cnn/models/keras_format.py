@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .. import fileio
-from ..errors import CheckpointError, SpecError, UserError, require_module
+from ..errors import CheckpointError, SpecError, UserError, first_line, require_module
 from .build import KerasSequential, build_model
 from .layers import LayerSpec
 from .spec import ModelSpec, check_memory, parse_spec
@@ -83,7 +83,7 @@ def _array(dataset, where: str) -> np.ndarray:
     try:
         return np.asarray(dataset[()], dtype=np.float32)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{where}: unreadable ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{where}: unreadable ({first_line(exc)})") from None
 
 
 class _Weights:
@@ -198,8 +198,7 @@ def _open_keras(path: Path) -> Iterator[tuple[dict | None, _Weights]]:
         config, h5, layout, root = _open(path, h5py)
     except (OSError, ValueError, KeyError, RecursionError, zipfile.BadZipFile,
             UnicodeDecodeError) as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path}: unreadable Keras file ({reason})") from None
+        raise CheckpointError(f"{path}: unreadable Keras file ({first_line(exc)})") from None
     try:
         yield config, _Weights(root, layout, str(path))
     finally:

@@ -21,6 +21,8 @@ REFRESH_SECONDS = 0.5
 # Keras' layout: "Epoch 3/10 844/1875 [=====>....] 0:02<0:02 - 2.4ms/step - loss: 0.41 - ..."
 BAR_WIDTH = 28
 BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} [{bar:%d}] {elapsed}<{remaining}{metrics}" % BAR_WIDTH
+# tqdm.notebook draws the bar as a widget where the format says {bar} (no width)
+NOTEBOOK_FORMAT = "{desc} {n_fmt}/{total_fmt} {bar} {elapsed}<{remaining}{metrics}"
 SUMMARY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
@@ -107,7 +109,8 @@ class ProgressBar:
         self._last = self._start
         self._bar = _bar_class(self.mode)(
             total=trainer.steps_per_epoch, initial=state.batch_in_epoch,
-            desc=f"Epoch {epoch + 1}/{trainer.config.train.epochs}", bar_format=BAR_FORMAT,
+            desc=f"Epoch {epoch + 1}/{trainer.config.train.epochs}",
+            bar_format=NOTEBOOK_FORMAT if self.mode == "notebook" else BAR_FORMAT,
             file=self.stream, mininterval=0, leave=True, dynamic_ncols=True,
             ascii=".=" if self.mode == "terminal" else None)
 

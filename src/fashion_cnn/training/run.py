@@ -1,6 +1,7 @@
-"""Runs: train a recipe into a run directory, resume it, reload and evaluate it.
+"""Runs: train a recipe into a run directory and resume it (reload.py reloads and evaluates
+a finished one).
 
-These are the functions behind every command that trains or reloads a model. They write the
+These are the functions behind every command that trains a model. They write the
 run's config, history, checkpoints, weights and metrics (RunDir); figures come from callbacks
 of the analysis layer (fashion_cnn.train adds them).
 
@@ -28,19 +29,16 @@ from .. import devices, fileio
 from ..data.arrays import ImageData, Splits, make_splits
 from ..data.sources import open_dataset
 from ..errors import Interrupted, TrainingStopped, UserError
-from ..models.build import KerasSequential, build_model
+from ..models.build import KerasSequential
 from ..models.cpu_pass import is_accelerated
-from ..models.spec import check_memory
 from ..perf import configure_runtime, return_freed_memory
 from . import distributed
 from .progress import ProgressBar
 from .callbacks import (EarlyStopping, HistoryWriter, ModelCheckpoint, best_epoch,
                         check_options)
-from .checkpoint import (checkpoint_weights, load_checkpoint, load_weights, newest_intact,
-                         recover_checkpoints, save_run_weights, verify_run_weights)
+from .checkpoint import load_checkpoint, newest_intact, recover_checkpoints, save_run_weights
 from .config import ModuleInfo, RunConfig, bind_to_data, validate
-from .loop import (Trainer, check_module, evaluate, module_device, module_needed,
-                   prepare_model)
+from .loop import Trainer, check_module, evaluate, module_needed
 from .recipes import resolve_config
 from .rundir import RunDir
 
@@ -111,19 +109,6 @@ def settle_device(cfg: RunConfig, explicit_precision: bool) -> torch.device:
         print(f"note: {notice}", file=sys.stderr)
     cfg.train.precision = precision
     return device
-
-
-def reload_device(cfg: RunConfig, device: str | torch.device | None = None) -> torch.device:
-    """Where a reloaded run computes (evaluate, predict, plots): `device` if given (it must be
-    here), else the run's train.device; a run trained on a device this machine lacks is
-    computed on the CPU (weights are saved device-independent), with a notice."""
-    if device is not None:
-        return devices.resolve_device(device, setting="device")
-    try:
-        return devices.resolve_device(cfg.train.device)
-    except UserError as exc:
-        print(f"note: computing on the CPU: {exc}", file=sys.stderr)
-        return torch.device("cpu")
 
 
 def standard_callbacks(cfg: RunConfig, run_dir: RunDir, progress: bool = True, extra=()) -> list:
@@ -297,7 +282,7 @@ def _with_model(cfg: RunConfig, model) -> RunConfig:
     return dataclasses.replace(cfg, model=None, module=info)
 
 
-def _model_for_run(cfg: RunConfig, model, run_dir: RunDir):
+def model_for_run(cfg: RunConfig, model, run_dir: RunDir):
     """The model to reload a run into: None (built from the run's spec) or the given one,
     which a run of a plain module requires, with its parameter count."""
     if cfg.module is None:
@@ -416,7 +401,7 @@ def resume(run_dir: str | os.PathLike, *, epochs: int | None = None,
     # the run's own precision: one this device lacks is an error, never a silent change
     device = settle_device(cfg, explicit_precision=True)
     distributed.setup_from_env(device)
-    model = _model_for_run(cfg, model, run_dir)
+    model = model_for_run(cfg, model, run_dir)
     if expect is not None:
         data = data_for(cfg, data)
         bind_to_data(expect, data)  # the given options, as the run resolved its own
@@ -477,76 +462,3 @@ def config_differences(run_cfg: RunConfig, given: RunConfig, limit: int = 3) -> 
              if key not in skip and a.get(key) != b.get(key)]
     more = f"; and {len(diffs) - limit} more" if len(diffs) > limit else ""
     return "; ".join(diffs[:limit]) + more if diffs else "the model differs"
-
-
-def load_model(run_dir: str | os.PathLike, checkpoint: str | None = None, *,
-               model: torch.nn.Module | None = None, device: str | torch.device | None = None,
-               cpu_kernels: bool | None = None) -> tuple[RunConfig, torch.nn.Module]:
-    """The run's config and model with its final weights (or a named checkpoint's), in eval
-    mode on `device` (default: the run's own, or the CPU where that is not here: see
-    reload_device). Weights load as with torch.load's map_location: saved from any device,
-    onto this one. On the CPU the model gets the CPU pass unless `cpu_kernels` is False (the
-    run's train.cpu_kernels by default).
-
-    A run of a plain PyTorch module needs `model`, a new instance of it: the weights are
-    loaded into it (in place) and it is returned in eval mode.
-    """
-    run_dir = RunDir(run_dir)
-    cfg = run_dir.read_config()
-    model = _model_for_run(cfg, model, run_dir)
-    if model is None:
-        check_memory(cfg.model, eval_batch_size=cfg.train.eval_batch_size, training=False)
-        model = build_model(cfg.model)
-    if checkpoint:
-        directory = run_dir.find_checkpoint(str(checkpoint), cfg.checkpoint.filename)
-        path = checkpoint_weights(directory)  # checksums verified first
-    else:
-        path = verify_run_weights(run_dir)
-    load_weights(model, path)  # refuses non-finite weights
-    kernels_on = cfg.train.cpu_kernels if cpu_kernels is None else cpu_kernels
-    prepare_model(model, reload_device(cfg, device), kernels_on)
-    model.eval()
-    return cfg, model
-
-
-def open_run(run_dir: str | os.PathLike, checkpoint: str | None = None,
-             data: ImageData | None = None, *, with_splits: bool = True,
-             model: torch.nn.Module | None = None, device: str | torch.device | None = None
-             ) -> tuple[RunConfig, torch.nn.Module, Splits | None]:
-    """A run reloaded to be used: its config, its model (load_model; `model` and `device` as
-    there), this process set to the run's thread count, and its splits (None with
-    with_splits=False; on the CPU: evaluation moves each batch to the model)."""
-    cfg, model = load_model(run_dir, checkpoint, model=model, device=device)
-    configure_runtime(cfg.train.threads)
-    return cfg, model, splits_for(cfg, data) if with_splits else None
-
-
-def evaluate_run(run_dir: str | os.PathLike, data: ImageData | None = None,
-                 checkpoint: str | None = None, tta: str | None = None, *,
-                 model: torch.nn.Module | None = None,
-                 device: str | torch.device | None = None) -> dict:
-    """Reload a run and evaluate it on the test set: loss, accuracy and per-class accuracy.
-    `tta` (none | shift | flip) overrides the run's own test-time augmentation setting;
-    `model`: a new instance of a plain module's run's module; `device` where to compute
-    (load_model)."""
-    cfg, model, splits = open_run(run_dir, checkpoint, data, model=model, device=device)
-    tta = cfg.train.tta if tta is None else tta
-    start = time.perf_counter()
-    result = evaluate(model, splits.x_test, splits.y_test, cfg.train.eval_batch_size,
-                      cfg.train.precision, tta)
-    seconds = time.perf_counter() - start
-    y, pred = splits.y_test, result["predictions"]
-    per_class = {}
-    for index, name in enumerate(cfg.class_names):
-        mask = y == index
-        per_class[name] = float((pred[mask] == index).float().mean()) if mask.any() else None
-    out = {"test_loss": result["loss"], "test_accuracy": result["accuracy"],
-           "test_correct": result["correct"], "test_size": len(y),
-           "per_class_accuracy": per_class, "eval_seconds": seconds, "tta": tta,
-           "device": str(module_device(model))}
-    if "accuracy_without_tta" in result:
-        out["test_accuracy_without_tta"] = result["accuracy_without_tta"]
-    # a mirrored shoe is new to a model trained without flips: the CLI warns about the flip TTA
-    out["trained_with_flips"] = bool(cfg.augment.enabled and cfg.augment.horizontal_flip)
-    return out
-
