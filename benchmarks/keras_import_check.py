@@ -174,7 +174,7 @@ def compare(work: Path, keras_report: dict, epochs: int, data) -> list[dict]:
 
     from fashion_cnn.apps.keras_import import import_keras
     from fashion_cnn.training.loop import evaluate
-    from fashion_cnn.training.run import evaluate_run, open_run
+    from fashion_cnn.training.reload import evaluate_run, open_run
 
     files = [(name, name, False) for name in keras_report["files"]]
     # the weights-only file holds the same weights as the .keras file of its epoch
