@@ -11,8 +11,10 @@ RECIPE ?= fast
 run: setup data compiler
 	$(PY) -m fashion_cnn train $(RECIPE)
 
+# Two test processes (pytest-xdist), one torch thread each (tests/conftest.py): on 2 cores the
+# suite's many short subprocesses and start-ups overlap instead of queueing.
 test: setup data browser compiler
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 setup: $(VENV)/.installed
 

@@ -33,6 +33,11 @@ def pytest_configure(config):
     os.environ["FASHION_CNN_CACHE"] = tempfile.mkdtemp(prefix="fashion-cnn-test-cache-")
     os.environ.pop("FASHION_MNIST_DIR", None)
     os.environ[EMULATED_BF16_ENV] = "1"
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest -n 2 on 2 cores: one thread per worker (and per process it starts), or the
+        # OpenMP threads of two workers would wait for each other at every operation
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
