@@ -325,3 +325,23 @@ def test_a_conv_without_its_own_activation_is_explained_after_its_blocks_activat
     assert all(_block_output(model1, conv) is conv for _, conv in conv_layers(model1))
     maps = fc.gradcam(fastnet, torch.rand(4, 1, 28, 28))
     assert maps.shape == (4, 28, 28) and bool((maps.amax(dim=(1, 2)) > 0).all())
+
+
+def test_the_predict_command_explains_and_refuses_a_layer_without_explain(tiny_conv_run,
+                                                                         tmp_path, capsys):
+    from fashion_cnn.cli import main
+
+    image = tmp_path / "shirt.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 30)) * 255).astype(np.uint8)).save(image)
+    missing = tmp_path / "missing.png"
+    assert main(["predict", str(tiny_conv_run), str(image), str(missing),
+                 "--explain", str(tmp_path / "why")]) == 2  # one file failed
+    captured = capsys.readouterr()
+    assert "shirt.png" in captured.out and "Wrote 2 explanation PNGs" in captured.err
+    assert sorted(p.name for p in (tmp_path / "why").iterdir()) == ["shirt-input.png",
+                                                                    "shirt-photo.png"]
+    assert main(["predict", str(tiny_conv_run), str(image), "--layer", "0"]) == 2
+    assert "--layer chooses the Conv2D layer of --explain" in capsys.readouterr().err
+    assert main(["predict", str(tiny_conv_run), str(image), "--explain",
+                 str(tmp_path / "why2"), "--layer", "7"]) == 2
+    assert "--layer: layer must be 0 to" in capsys.readouterr().err

@@ -475,3 +475,24 @@ def test_bad_settings_and_runs_fail_in_one_line(tmp_path):
         create_app(tmp_path / "no-such-run")
     with pytest.raises(UserError, match="port"):
         serve(tmp_path / "no-such-run", port=70000)
+
+
+def test_on_loopback_only_requests_naming_this_machine_are_answered(run):
+    """serve() on 127.0.0.1 lets only Host headers of this machine through: a page whose own
+    name was made to resolve to 127.0.0.1 (DNS rebinding) cannot read the API."""
+    app = create_app(run[0], limits=LIMITS, allowed_hosts=["localhost", "127.0.0.1"])
+    with TestClient(app, base_url="http://127.0.0.1:8000") as ours:
+        assert ours.get("/api/model").status_code == 200
+    with TestClient(app, base_url="http://rebound.example:8000") as theirs:
+        assert theirs.get("/api/model").status_code == 400
+        assert theirs.post("/api/predict", files={"file": ("a.png", b"x")}).status_code == 400
+
+
+def test_the_serve_command_refuses_bad_limits_in_one_line(run, capsys):
+    from fashion_cnn.cli import main
+
+    for option, value in (("--threads", "0"), ("--max-file-mb", "0"), ("--max-files", "0"),
+                          ("--port", "70000")):
+        assert main(["serve", str(run[0]), option, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("fashion-cnn: error: ") and "\n" not in err and option in err

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import select
+import shutil
 import subprocess
 import sys
 
@@ -59,8 +60,8 @@ def test_tensorboard_logs_every_epoch_every_layer_images_graph_and_hparams(small
                       tensorboard_every=5)
     log_dir = tmp_path / "r" / "tensorboard"
     steps_per_epoch = -(-1600 // 128)  # 2,000 images, 20 % held out, batch 128
-    train, validation, root = (events(log_dir / "train"), events(log_dir / "validation"),
-                               events(log_dir))
+    train, validation, batch, root = (events(log_dir / "train"), events(log_dir / "validation"),
+                                      events(log_dir / "batch"), events(log_dir))
     for tag in ("epoch_loss", "epoch_accuracy", "epoch_penalty", "epoch_lr", "epoch_seconds"):
         assert scalar_steps(train, tag) == [1, 2], tag
     for tag in ("epoch_loss", "epoch_accuracy"):
@@ -69,7 +70,7 @@ def test_tensorboard_logs_every_epoch_every_layer_images_graph_and_hparams(small
     assert losses == pytest.approx([h["loss"] for h in result.history])
     assert [e.value for e in validation.Scalars("epoch_accuracy")] == pytest.approx(
         [h["val_accuracy"] for h in result.history])
-    assert scalar_steps(train, "batch_loss") == list(range(5, 2 * steps_per_epoch + 1, 5))
+    assert scalar_steps(batch, "batch_loss") == list(range(5, 2 * steps_per_epoch + 1, 5))
     # every Conv2D and Dense layer's kernel and bias, and their gradients, at both epochs
     layers = [name for name, _ in result.model.named_weight_layers()]
     assert layers == ["conv2d", "conv2d_1", "conv2d_2", "dense", "dense_1"]
@@ -176,7 +177,7 @@ def test_in_a_pipe_each_epoch_is_one_plain_line(real_data, tmp_path):
 
 
 def test_show_config_prints_the_config_the_run_writes(real_data, tmp_path):
-    options = ["--subset", "300", "--epochs", "1", "--lr", "0.003", "--tensorboard",
+    options = ["--subset", "300", "--epochs", "1", "--lr", "0.003", "--tensorboard-dir",
                str(tmp_path / "tb")]
     shown = subprocess.run([sys.executable, "-m", "fashion_cnn", "train", "seed-dense", *options,
                             "--show-config"], capture_output=True, text=True)
@@ -209,3 +210,46 @@ def test_help_after_a_recipe_shows_its_values_and_every_positional_is_explained(
         for action in sub._actions:
             if not action.option_strings:
                 assert action.help, f"{name} {action.dest}"
+
+
+def test_a_resumed_run_logs_on_from_its_checkpoint_without_repeating_epochs(small_data,
+                                                                           tmp_path):
+    run = tmp_path / "r"
+    fc.train("seed-dense", run, data=small_data, progress=False, plots=False, subset=1000,
+             epochs=2, tensorboard=True, tensorboard_every=4)
+    # as after a crash late in epoch 2: its events are written, its checkpoint is not
+    for name in ("epoch_2", "best"):
+        shutil.rmtree(run / "checkpoints" / name, ignore_errors=True)
+    resumed = fc.resume(run, data=small_data, progress=False, plots=False, epochs=3)
+    train = events(run / "tensorboard" / "train")
+    assert scalar_steps(train, "epoch_loss") == [1, 2, 3]  # epoch 2 shown once
+    assert [e.value for e in train.Scalars("epoch_loss")] == pytest.approx(
+        [h["loss"] for h in resumed.history])
+    steps = scalar_steps(events(run / "tensorboard" / "batch"), "batch_loss")
+    assert steps == sorted(set(steps)) and steps[-1] == 3 * (-(-800 // 128)) // 4 * 4
+    assert len(events(run / "tensorboard").Tensors("config/text_summary")) == 1
+
+
+def test_each_redraw_of_the_bar_shows_the_running_loss_and_accuracy(small_data):
+    import io
+
+    from fashion_cnn.training.progress import ProgressBar
+    from fashion_cnn.training.run import splits_for
+
+    cfg = fc.resolve_config("seed-dense", epochs=1, subset=600)
+    splits = splits_for(cfg, small_data)
+    stream = io.StringIO()
+    trainer = fc.Trainer(cfg, splits, callbacks=[ProgressBar(stream, mode="terminal", refresh=0)])
+    trainer.fit()
+    steps = trainer.steps_per_epoch
+    redraws = [part for part in stream.getvalue().split("\r") if part.strip()]
+    running = [r for r in redraws if re.match(rf"Epoch 1/1 +(\d+)/{steps} \[[=.]+\] .* - "
+                                              rf"[\d.]+ms/step - loss: [\d.]+ - "
+                                              rf"accuracy: [\d.]+\s*$", r)]
+    # refresh=0: a redraw after every step but the last, whose figures the summary line shows
+    assert len(running) >= steps - 1, redraws[:3]
+    losses = [float(re.search(r"loss: ([\d.]+)", r).group(1)) for r in running]
+    assert len(set(losses)) > 1  # the epoch's running mean, read as it goes
+    summary = redraws[-1]
+    assert summary.startswith(f"Epoch 1/1 {steps}/{steps} [") and "val_loss" in summary
+    assert f"loss: {trainer.state.history[-1]['loss']:.4f}" in summary

@@ -19,10 +19,16 @@ from .tensorboard import TensorBoardLogger
 
 
 def train(name_or_config=None, out: str | os.PathLike | None = None, *, plots: bool = True,
-          callbacks=(), **options) -> RunResult:
+          callbacks=(), tensorboard: bool | str | os.PathLike | None = None,
+          **options) -> RunResult:
     """training.run.train with the run's figures (see the module docstring). `model=` trains
-    any torch.nn.Module with the recipe's settings (docs/pytorch-modules.md);
-    `tensorboard=True` (and `tensorboard_dir=`) logs for TensorBoard, as any [log] setting."""
+    any torch.nn.Module with the recipe's settings (docs/pytorch-modules.md). `tensorboard`:
+    True logs for TensorBoard into RUN_DIR/tensorboard, a folder logs there, False not at
+    all, None as the recipe's [log] says (it sets log.tensorboard and log.tensorboard_dir)."""
+    if tensorboard is not None:
+        options["log.tensorboard"] = tensorboard is not False
+        if not isinstance(tensorboard, bool):
+            options["log.tensorboard_dir"] = os.fspath(tensorboard)
     return runs.train(name_or_config, out,
                       callbacks=_with_figures(plots, callbacks, TensorBoardLogger()), **options)
 

@@ -2,11 +2,12 @@
 `tensorboard --logdir` over one run, a study or a search shows comparable curves:
 
     LOG_DIR/train/       epoch_loss, epoch_accuracy, epoch_penalty, epoch_lr, epoch_seconds
-                         (step = the 1-based epoch, as in history.csv); batch_loss and
-                         batch_accuracy every `log.tensorboard_every` optimizer steps (the
-                         epoch's running means, as Keras logs them); histograms of every
+                         (step = the 1-based epoch, as in history.csv); histograms of every
                          layer's parameters and their gradients each epoch; the model graph
     LOG_DIR/validation/  epoch_loss, epoch_accuracy (overlaid on train's in the same chart)
+    LOG_DIR/batch/       batch_loss and batch_accuracy every `log.tensorboard_every`
+                         optimizer steps (step = the optimizer step; the epoch's running
+                         means, as Keras logs them)
     LOG_DIR/             the resolved config.toml as text; once the run is evaluated, the
                          confusion matrix and the prediction grid as images and the run's
                          settings with its final metrics in the HParams tab
@@ -129,11 +130,20 @@ class TensorBoardLogger:
         writer_class = summary_writer_class()
         root = self.log_dir or log_dir_of(cfg, trainer.run_dir)
         self.root = root
-        self.writers = {"": writer_class(str(root)),
-                        "train": writer_class(str(root / "train")),
-                        "validation": writer_class(str(root / "validation"))}
+        state = trainer.state
+        # A resumed run logs on from its checkpoint: whatever was logged after it (before a
+        # crash) is purged (TensorBoard drops a run's events from `purge_step` on). The step
+        # axes differ (epochs, optimizer steps), so batch figures have a run of their own.
+        fresh = state.step == 0 and not state.history
+        epochs_from = None if fresh else len(state.history) + 1
+        steps_from = None if fresh else state.step + 1
+        self.writers = {
+            "": writer_class(str(root), purge_step=epochs_from),
+            "train": writer_class(str(root / "train"), purge_step=epochs_from),
+            "validation": writer_class(str(root / "validation"), purge_step=epochs_from),
+            "batch": writer_class(str(root / "batch"), purge_step=steps_from)}
         self.every = cfg.log.tensorboard_every
-        if not trainer.state.history:  # once per run, not again on resume
+        if fresh:  # once per run, not again on resume
             self.writers[""].add_text("config", _code_block(to_toml(cfg)), 0)
             self._add_graph(trainer)
 
@@ -159,7 +169,7 @@ class TensorBoardLogger:
             return
         loss_sum, _, correct, seen = trainer.state.sums.tolist()  # a read every `every` steps
         if seen:
-            writer = self.writers["train"]
+            writer = self.writers["batch"]
             writer.add_scalar("batch_loss", loss_sum / seen, trainer.state.step)
             writer.add_scalar("batch_accuracy", correct / seen, trainer.state.step)
 

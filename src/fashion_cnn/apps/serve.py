@@ -145,11 +145,13 @@ def _json_error(status: int, message: str, **extra):
 
 def create_app(run_dir: str | os.PathLike, *, checkpoint: str | None = None,
                device: str | None = None, limits: Limits | None = None,
-               threads: int | None = None):
+               threads: int | None = None, allowed_hosts: list[str] | None = None):
     """The FastAPI app serving the run at `run_dir` (its final weights, or `checkpoint`) on
     `device` (default: the run's own, or the CPU), with `limits` (Limits()) and `threads`
     torch threads (serve_model.default_threads()). The model is loaded here, once; UserError where the
-    run cannot be loaded.
+    run cannot be loaded. `allowed_hosts`: the Host headers answered (others get 400), as
+    serve() sets for a loopback address, so that a web page whose name is made to resolve to
+    127.0.0.1 (DNS rebinding) cannot read the API; None: any.
 
     >>> from fastapi.testclient import TestClient                        # doctest: +SKIP
     >>> TestClient(create_app("runs/fast")).get("/api/model").json()["classes"][:2]  # doctest: +SKIP
@@ -170,6 +172,10 @@ def create_app(run_dir: str | os.PathLike, *, checkpoint: str | None = None,
     _add_read_routes(app, service, limits)
     _add_predict_route(app, service, limits)
     app.add_middleware(_SafetyHeaders)
+    if allowed_hosts is not None:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     return app
 
 
@@ -204,17 +210,19 @@ def _add_read_routes(app, service: ServedModel, limits: Limits) -> None:
                                        "max_body_bytes": limits.max_body_bytes}}
     page = resources.files(__package__).joinpath(*PAGE).read_text(encoding="utf-8")
 
+    # async: answered on the event loop, never queued behind predictions waiting for the
+    # model in worker threads
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index():
+    async def index():
         return HTMLResponse(page, headers={"content-security-policy": PAGE_POLICY,
                                            "cache-control": "no-cache"})
 
     @app.get("/healthz", summary="Liveness: the app is up and its model is loaded")
-    def healthz():
+    async def healthz():
         return {"status": "ok"}
 
     @app.get("/api/model", summary="The run: name, classes, parameters, accuracy, limits")
-    def model_info():
+    async def model_info():
         return {**info, "figures": service.figures()}
 
     @app.get("/api/figures/{name}", summary="One of the run's figures (PNG)",
@@ -366,8 +374,11 @@ def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise UserError(f"port={port!r}: must be a port number from 0 to 65535", setting="port")
     limits = limits or Limits()
+    # on a loopback address, only requests naming it (a browser sends the name it resolved)
+    hosts = (sorted({"localhost", "127.0.0.1", "[::1]", host.strip()}) if is_loopback(host)
+             else None)
     app = create_app(run_dir, checkpoint=checkpoint, device=device, limits=limits,
-                     threads=threads)
+                     threads=threads, allowed_hosts=hosts)
     if not is_loopback(host):
         print(f"warning: serving on {host}:{port} makes the model, its run's figures and the "
               f"upload endpoint reachable from other machines, with no authentication; "

@@ -72,6 +72,10 @@ class ServedModel:
         self.max_pixels = max_pixels or budget
         self.config, self.model, _ = open_run(run_dir, checkpoint, with_splits=False,
                                               device=device)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or threads < 1):
+            raise UserError(f"threads={threads!r}: must be a whole number of at least 1",
+                            setting="threads")
         self.threads = threads or default_threads()
         torch.set_num_threads(self.threads)
         self.lock = threading.Lock()

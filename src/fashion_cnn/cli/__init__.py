@@ -29,7 +29,7 @@ FLAGS = {"out": "--out", "n": "-n", "train.epochs": "--epochs", "train.lr": "--l
          "port": "--port", "max_files": "--max-files", "max_pixels": "--max-pixels",
          "request_seconds": "--request-timeout", "max_connections": "--max-connections",
          "threads": "--threads",
-         "log.tensorboard": "--tensorboard", "log.tensorboard_dir": "--tensorboard"}
+         "log.tensorboard": "--tensorboard", "log.tensorboard_dir": "--tensorboard-dir"}
 EXIT_USER_ERROR = 2       # a bad option, file or config
 EXIT_NON_FINITE_LOSS = 3  # training diverged
 EXIT_STOPPED = 1          # any other stop of training before its end

@@ -59,17 +59,22 @@ TRAIN_FLAGS = {
 def _train_overrides(args) -> dict:
     overrides = {dotted: getattr(args, flag) for flag, dotted in TRAIN_FLAGS.items()
                  if getattr(args, flag, None) is not None}
-    overrides.update(_tensorboard_overrides(getattr(args, "tensorboard", None)))
+    tensorboard = _tensorboard(args)
+    if tensorboard is not None:
+        overrides["log.tensorboard"] = tensorboard is not False
+        if isinstance(tensorboard, str):
+            overrides["log.tensorboard_dir"] = tensorboard
     return {**overrides, **_set_overrides(args)}
 
 
-def _tensorboard_overrides(tensorboard) -> dict:
-    """--tensorboard (True) or --tensorboard DIR as [log] settings."""
-    if tensorboard is None:
-        return {}
-    if tensorboard is True:
-        return {"log.tensorboard": True}
-    return {"log.tensorboard": True, "log.tensorboard_dir": tensorboard}
+def _tensorboard(args) -> bool | str | None:
+    """--tensorboard / --no-tensorboard / --tensorboard-dir DIR: True, False, DIR, or None
+    where none was given (then the run's [log] decides)."""
+    if getattr(args, "tensorboard_dir", None):
+        if args.tensorboard is False:
+            raise UserError("--no-tensorboard and --tensorboard-dir contradict each other")
+        return args.tensorboard_dir
+    return getattr(args, "tensorboard", None)
 
 
 def _set_overrides(args) -> dict:
@@ -163,6 +168,9 @@ def cmd_train(args) -> int:
     from ..training.recipes import resolve_config
 
     overrides = _train_overrides(args)
+    if args.show_config and args.resume:
+        raise UserError(f"--show-config prints the configuration of a new run; a run's own is "
+                        f"{Path(args.resume) / 'config.toml'}")
     if args.show_config:
         from ..training.config import to_toml
         from ..training.run import run_config
@@ -176,7 +184,8 @@ def cmd_train(args) -> int:
         expected = resolve_config(args.model, **overrides)
         epochs = overrides.get("train.epochs")
         result = runs.resume(args.resume, epochs=epochs, expect=_without_epochs(expected, args.resume),
-                            progress=not args.quiet, plots=not args.no_plots)
+                            progress=not args.quiet, plots=not args.no_plots,
+                            tensorboard=_tensorboard(args))
     else:
         result = runs.train(args.model, args.out, progress=not args.quiet, plots=not args.no_plots,
                            **overrides)
@@ -211,7 +220,7 @@ def cmd_resume(args) -> int:
 
     result = runs.resume(args.run_dir, epochs=args.epochs, progress=not args.quiet,
                         plots=not args.no_plots, device=args.device,
-                        tensorboard=args.tensorboard)
+                        tensorboard=_tensorboard(args))
     _print_result(result)
     return 0
 
@@ -346,7 +355,7 @@ def cmd_tune(args) -> int:
     result = tune(args.space, trials=args.trials, timeout=args.timeout, out=args.out,
                   storage=args.storage, study_name=args.study_name, seed=args.seed,
                   prune=not args.no_prune, progress=not args.quiet,
-                  tensorboard=False if args.tensorboard is None else args.tensorboard,
+                  tensorboard=_tensorboard(args) or False,
                   **overrides)
     if result.best_trial is None:
         print(f"No trial finished; trials so far in {result.out_dir / 'trials.csv'}")
@@ -394,7 +403,7 @@ def cmd_study(args) -> int:
 
     result = run_study(args.study, args.out, epochs_scale=args.epochs_scale, subset=args.subset,
                        repeats=args.repeats, dataset=args.dataset, progress=not args.quiet,
-                       tensorboard=False if args.tensorboard is None else args.tensorboard)
+                       tensorboard=_tensorboard(args) or False)
     print_study_result(result)
     return 0
 
@@ -420,6 +429,8 @@ def cmd_serve(args) -> int:
 
     if not 0 < args.max_file_mb < float("inf"):
         raise UserError(f"--max-file-mb must be a positive number of MiB, got {args.max_file_mb}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
     limits = Limits(max_file_bytes=max(1, int(args.max_file_mb * 2**20)),
                     max_files=args.max_files, max_pixels=args.max_pixels,
                     request_seconds=args.request_timeout, max_connections=args.max_connections)

@@ -31,7 +31,8 @@ RUN_DIR_HELP = "a run directory (as `train` writes it)"
 
 class RecipeHelp(argparse.Action):
     """-h/--help of `train`: after a recipe (`train fast --help`), each training option's help
-    ends with the value that recipe gives it, as the run would use it."""
+    ends with the value that recipe gives it (`--show-config` shows what a run here would use:
+    a precision this machine lacks, for one, settled to fp32)."""
 
     def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
                  help=None):
@@ -52,7 +53,7 @@ class RecipeHelp(argparse.Action):
                 if setting:
                     section, key = setting.split(".")
                     value = getattr(getattr(config, section), key)
-                    shown = "(the data's)" if value in ("", None) else repr(value)
+                    shown = "(default)" if value in ("", None) else repr(value)
                     action.help = f"{action.help or ''} [{name}: {shown}]".lstrip()
             parser.description = (f"Settings marked [{name}: ...] are the recipe's; each "
                                   f"option overrides it. `--show-config` prints all of them.")
@@ -61,8 +62,10 @@ class RecipeHelp(argparse.Action):
 
 
 def _add_tensorboard_option(p, where: str) -> None:
-    p.add_argument("--tensorboard", nargs="?", const=True, metavar="DIR",
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
                    help=f"log for TensorBoard ({where}); view with `tensorboard --logdir DIR`")
+    p.add_argument("--tensorboard-dir", metavar="DIR",
+                   help="log for TensorBoard into DIR instead (implies --tensorboard)")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -144,7 +147,7 @@ def _training_commands(sub) -> None:
                         "without training")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
-    _add_tensorboard_option(p, "default DIR: RUN_DIR/tensorboard")
+    _add_tensorboard_option(p, "into RUN_DIR/tensorboard")
     _add_train_options(p)
     p.set_defaults(func=commands.cmd_train)
 
@@ -154,7 +157,7 @@ def _training_commands(sub) -> None:
     _add_device_option(p, "where to continue (default: the run's own)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
-    _add_tensorboard_option(p, "default: as the run's [log] says; DIR: RUN_DIR/tensorboard")
+    _add_tensorboard_option(p, "default: as the run's [log] says; into RUN_DIR/tensorboard")
     p.set_defaults(func=commands.cmd_resume)
 
     from ..apps.tune import list_searches
@@ -181,7 +184,7 @@ def _training_commands(sub) -> None:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="fix a setting for every trial, e.g. --set train.epochs=3")
     p.add_argument("--quiet", action="store_true", help="no line per trial")
-    _add_tensorboard_option(p, "one sub-run per trial; default DIR: OUT/tensorboard")
+    _add_tensorboard_option(p, "one sub-run per trial, into OUT/tensorboard")
     p.set_defaults(func=commands.cmd_tune)
 
 
@@ -316,8 +319,8 @@ def _figure_commands(sub) -> None:
     p.add_argument("--dataset", metavar="NAME_OR_PATH",
                    help="train every run on this dataset (as --dataset of train)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
-    _add_tensorboard_option(p, "one sub-run per run; default: each RUN_DIR/tensorboard, "
-                               "DIR: DIR/<run>")
+    _add_tensorboard_option(p, "one sub-run per run, each into its RUN_DIR/tensorboard; "
+                               "with --tensorboard-dir DIR, into DIR/<run>")
     p.set_defaults(func=commands.cmd_study)
 
     p = sub.add_parser("report", help="rewrite a study's report.html and report.md from its runs")
