@@ -10,6 +10,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,6 +91,17 @@ def write_result(path: str | os.PathLike, result: dict) -> Path:
     fileio.write_json(path, result)
     print(f"\nwrote {path}")
     return path
+
+
+def smoke_run(prefix: str, data, subset: int, **options) -> Path:
+    """A `dense` run trained for one epoch on `subset` images in a new temporary folder: the
+    model a script's --smoke setting measures (only that the script works)."""
+    import fashion_cnn as fc
+
+    run_dir = Path(tempfile.mkdtemp(prefix=prefix)) / "run"
+    fc.train("dense", run_dir, data=data, progress=False, plots=False, epochs=1,
+             subset=subset, **options)
+    return run_dir
 
 
 def note(message: str) -> None:

@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from common import OUT_DIR, machine_info, note, table, write_result
+from common import OUT_DIR, machine_info, note, smoke_run, table, write_result
 import fashion_cnn as run
 from fashion_cnn.data.fashion_mnist import load_data, validation_split
 from fashion_cnn.apps.predict import predict_arrays, to_fashion_mnist
@@ -75,9 +74,7 @@ def main(argv=None) -> int:
     data = load_data()
     run_dir = args.run_dir
     if args.smoke:
-        run_dir = Path(tempfile.mkdtemp(prefix="photo-like-")) / "run"
-        run.train("dense", run_dir, data=data, progress=False, plots=False, epochs=1,
-                  subset=2000)
+        run_dir = smoke_run("photo-like-", data, 2000)
         args.images = 50
     config, model = run.load_model(run_dir)
     if not config.data.validation_split:

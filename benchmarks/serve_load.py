@@ -30,15 +30,13 @@ import json
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from common import OUT_DIR, fmt, machine_info, note, table, write_result
-import fashion_cnn as fc
+from common import OUT_DIR, fmt, machine_info, note, smoke_run, table, write_result
 from fashion_cnn.data.fashion_mnist import load_data
 
 BOUNDARY = "fashioncnnloadtest"
@@ -188,9 +186,7 @@ def main(argv=None) -> int:
     data = load_data()
     run_dir = args.run_dir
     if args.smoke:
-        run_dir = Path(tempfile.mkdtemp(prefix="serve-load-")) / "run"
-        fc.train("dense", run_dir, data=data, progress=False, plots=False, epochs=1,
-                 subset=512, threads=1)
+        run_dir = smoke_run("serve-load-", data, 512, threads=1)
         args.clients, args.batches, args.seconds, args.requests = [1, 2], [1, 4], 5.0, 20
         args.soak = args.soak or 50
     images = data.test_images[:256]

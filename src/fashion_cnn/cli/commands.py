@@ -169,8 +169,10 @@ def cmd_train(args) -> int:
 
     overrides = _train_overrides(args)
     if args.show_config and args.resume:
+        from ..training.rundir import RunDir
+
         raise UserError(f"--show-config prints the configuration of a new run; a run's own is "
-                        f"{Path(args.resume) / 'config.toml'}")
+                        f"{RunDir(args.resume).config_file}")
     if args.show_config:
         from ..training.config import to_toml
         from ..training.run import run_config
