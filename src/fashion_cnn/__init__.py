@@ -21,7 +21,7 @@ _EXPORTS = {
     "figure_confusion": "analysis.figures",
     "figure_metrics": "analysis.figures",
     "figure_weights": "analysis.figures",
-    "figure_gradcam": "analysis.explain",
+    "figure_gradcam": "analysis.gradcam_figure",
     "gradcam": "analysis.explain",
     "overlay_heatmap": "analysis.explain",
     "saliency": "analysis.explain",

@@ -22,7 +22,7 @@ from ..training.recipes import resolve_config
 from ..training.reload import load_model, open_run
 from ..training.run import data_for, run_name
 from ..training.rundir import RunDir
-from .explain import figure_gradcam
+from .gradcam_figure import figure_gradcam
 from .figures import (DPI, LIVE_DPI, figure_compare_curves, figure_compare_weights,
                       figure_confusion, figure_metrics, figure_png, figure_weights,
                       named_weight_layers, save_figure)
