@@ -189,6 +189,33 @@ def _training_commands(sub) -> None:
 
 
 def _run_commands(sub) -> None:
+    p = sub.add_parser("export", help="write a run's model as ONNX (checked with onnxruntime)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument("--out", help="the .onnx file (default RUN_DIR/model.onnx)")
+    p.add_argument("--checkpoint", help="a checkpoint name or epoch number instead of the final weights")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the comparison with PyTorch in onnxruntime")
+    p.set_defaults(func=commands.cmd_export)
+
+    p = sub.add_parser("import-keras", help="import a Keras model file (.keras, .h5) as a run")
+    p.add_argument("file", metavar="FILE",
+                   help="a Keras 3 .keras or Keras 2 .h5 model (as ModelCheckpoint writes), or "
+                        "with --weights-only a .weights.h5")
+    p.add_argument("--out", help="run directory (default runs/<name>-keras-<time>)")
+    p.add_argument("--weights-only", action="store_true",
+                   help="FILE holds weights only; --model gives the architecture")
+    p.add_argument("--model", metavar="SPEC", help="zoo model or spec .toml (with --weights-only)")
+    p.add_argument("--name", help="the model's name (default: the Keras model's)")
+    p.add_argument("--recipe", help="training settings for fine-tuning with resume "
+                                    "(default: Keras' defaults)")
+    _add_dataset_options(p)
+    p.add_argument("--data-dir", help="directory of Fashion-MNIST's IDX files")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a setting, e.g. --set train.lr=0.0001")
+    p.set_defaults(func=commands.cmd_import_keras)
+
+
+def _evaluate_and_predict_commands(sub) -> None:
     p = sub.add_parser("evaluate", help="reload a run and evaluate it on the test set")
     p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
     p.add_argument("--checkpoint", help="a checkpoint name or epoch number instead of the final weights")
@@ -227,31 +254,6 @@ def _run_commands(sub) -> None:
                         "the end; default: the last)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=commands.cmd_predict)
-
-    p = sub.add_parser("export", help="write a run's model as ONNX (checked with onnxruntime)")
-    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
-    p.add_argument("--out", help="the .onnx file (default RUN_DIR/model.onnx)")
-    p.add_argument("--checkpoint", help="a checkpoint name or epoch number instead of the final weights")
-    p.add_argument("--no-check", action="store_true",
-                   help="skip the comparison with PyTorch in onnxruntime")
-    p.set_defaults(func=commands.cmd_export)
-
-    p = sub.add_parser("import-keras", help="import a Keras model file (.keras, .h5) as a run")
-    p.add_argument("file", metavar="FILE",
-                   help="a Keras 3 .keras or Keras 2 .h5 model (as ModelCheckpoint writes), or "
-                        "with --weights-only a .weights.h5")
-    p.add_argument("--out", help="run directory (default runs/<name>-keras-<time>)")
-    p.add_argument("--weights-only", action="store_true",
-                   help="FILE holds weights only; --model gives the architecture")
-    p.add_argument("--model", metavar="SPEC", help="zoo model or spec .toml (with --weights-only)")
-    p.add_argument("--name", help="the model's name (default: the Keras model's)")
-    p.add_argument("--recipe", help="training settings for fine-tuning with resume "
-                                    "(default: Keras' defaults)")
-    _add_dataset_options(p)
-    p.add_argument("--data-dir", help="directory of Fashion-MNIST's IDX files")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override a setting, e.g. --set train.lr=0.0001")
-    p.set_defaults(func=commands.cmd_import_keras)
 
 
 def _serve_command(sub) -> None:
@@ -338,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _data_commands(sub)
     _training_commands(sub)
+    _evaluate_and_predict_commands(sub)
     _run_commands(sub)
     _figure_commands(sub)
     _serve_command(sub)
