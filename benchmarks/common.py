@@ -93,6 +93,17 @@ def write_result(path: str | os.PathLike, result: dict) -> Path:
     return path
 
 
+def parse_run_args(parser, argv, out_name: str, smoke_help: str):
+    """`parser`'s arguments with --smoke and --out (default OUT_DIR/out_name) added, for a
+    script measuring a trained run: its RUN_DIR positional is needed unless --smoke."""
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--out", type=Path, default=OUT_DIR / out_name)
+    args = parser.parse_args(argv)
+    if not args.smoke and not args.run_dir:
+        parser.error("give a RUN_DIR (or --smoke)")
+    return args
+
+
 def smoke_run(prefix: str, data, subset: int, **options) -> Path:
     """A `dense` run trained for one epoch on `subset` images in a new temporary folder: the
     model a script's --smoke setting measures (only that the script works)."""

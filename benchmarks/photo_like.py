@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from common import OUT_DIR, machine_info, note, smoke_run, table, write_result
+from common import machine_info, note, parse_run_args, smoke_run, table, write_result
 import fashion_cnn as run
 from fashion_cnn.data.fashion_mnist import load_data, validation_split
 from fashion_cnn.apps.predict import predict_arrays, to_fashion_mnist
@@ -61,12 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=2000,
                    help="first N validation images (default 2,000)")
     p.add_argument("--jpeg-quality", type=int, default=85)
-    p.add_argument("--smoke", action="store_true", help="train a tiny run and use 50 images")
-    p.add_argument("--out", type=Path, default=OUT_DIR / "photo_like.json")
-    args = p.parse_args(argv)
-    if not args.smoke and not args.run_dir:
-        p.error("give a RUN_DIR (or --smoke)")
-    return args
+    return parse_run_args(p, argv, "photo_like.json", "train a tiny run and use 50 images")
 
 
 def main(argv=None) -> int:

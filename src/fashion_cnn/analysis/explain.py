@@ -76,7 +76,7 @@ def conv_layer(model: nn.Module, layer: int | None) -> tuple[str, nn.Module]:
     return layers[layer]
 
 
-def _explained_copy(model: nn.Module) -> nn.Module:
+def explained_copy(model: nn.Module) -> nn.Module:
     """The model to take gradients through: a plain copy of an accelerated model (its fused
     first block computes no gradient, and a ReLU it moved after a Flatten would hide the
     layer's output); any other model itself."""
@@ -196,7 +196,7 @@ def _saturate(maps: torch.Tensor) -> torch.Tensor:
 
 class _GradientMode:
     """Gradients on, whatever the caller's context (torch.no_grad, inference_mode, autocast);
-    `model` the one to explain through (_explained_copy, made here: a copy made in inference
+    `model` the one to explain through (explained_copy, made here: a copy made in inference
     mode would hold inference tensors, which autograd refuses), in eval mode; its training
     mode restored after."""
 
@@ -209,7 +209,7 @@ class _GradientMode:
             for context in (torch.inference_mode(False), torch.enable_grad(),
                             torch.autocast(self.device.type, enabled=False)):
                 stack.enter_context(context)
-            self.model = _explained_copy(self.original)
+            self.model = explained_copy(self.original)
             self.was_training = self.model.training
             self.model.eval()
             stack.callback(self.model.train, self.was_training)

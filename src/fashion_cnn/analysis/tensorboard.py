@@ -129,7 +129,6 @@ class TensorBoardLogger:
             return
         writer_class = summary_writer_class()
         root = self.log_dir or log_dir_of(cfg, trainer.run_dir)
-        self.root = root
         state = trainer.state
         # A resumed run logs on from its checkpoint: whatever was logged after it (before a
         # crash) is purged (TensorBoard drops a run's events from `purge_step` on). The step

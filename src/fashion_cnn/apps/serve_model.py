@@ -100,9 +100,9 @@ class ServedModel:
         }
 
     def _has_conv(self) -> bool:
-        import torch
+        from ..analysis.explain import conv_layers
 
-        return any(isinstance(m, torch.nn.Conv2d) for m in self.model.modules())
+        return bool(conv_layers(self.model))
 
     def figures(self) -> list[str]:
         """The run's figures that exist, in analysis.plots' order."""
@@ -188,17 +188,13 @@ class ServedModel:
     def _explain(self, images: np.ndarray, classes: np.ndarray) -> list[np.ndarray]:
         """Grad-CAM overlays (H, W, 3) uint8 of `classes` (N,) (the top class shown) on each
         image (N, H, W[, C]) as the run stores it; the model's padding is cut off the heatmap."""
-        import copy
-
-        from ..analysis.explain import gradcam, overlay_heatmap
-        from ..models.cpu_pass import is_accelerated, plain
+        from ..analysis.explain import explained_copy, gradcam, overlay_heatmap
         from .predict import input_tensor
 
         if self._explained is None:
             # gradients go through the plain model; Grad-CAM would copy an accelerated one on
             # every call, so the copy is made once, here
-            model = self.model
-            self._explained = plain(copy.deepcopy(model)) if is_accelerated(model) else model
+            self._explained = explained_copy(self.model)
         pad = self.config.pad
         x = input_tensor(self.config, images)
         maps = gradcam(self._explained, x, target=classes)  # (N, H+2p, W+2p) in [0, 1]

@@ -66,21 +66,25 @@ def _bar_class(mode: str):
     return KerasBar
 
 
+def _metric_parts(values: dict) -> list[str]:
+    """["loss: 0.4123", "accuracy: 0.8512", ...]: the figures of SUMMARY_KEYS that `values`
+    holds, and the penalty where there is one."""
+    parts = [f"{key}: {values[key]:.4f}" for key in SUMMARY_KEYS if key in values]
+    if values.get("penalty"):
+        parts.append(f"penalty: {values['penalty']:.4f}")
+    return parts
+
+
 def epoch_line(epoch: int, epochs: int, logs: dict) -> str:
     """The plain per-epoch line: "Epoch 3/10 - 2.4s - loss: 0.4123 - accuracy: ..."."""
-    parts = [f"Epoch {epoch + 1}/{epochs}", f"{logs['seconds']:.1f}s"]
-    parts += [f"{key}: {logs[key]:.4f}" for key in SUMMARY_KEYS if key in logs]
-    if logs.get("penalty"):
-        parts.append(f"penalty: {logs['penalty']:.4f}")
-    return " - ".join(parts)
+    return " - ".join([f"Epoch {epoch + 1}/{epochs}", f"{logs['seconds']:.1f}s",
+                       *_metric_parts(logs)])
 
 
 def _metrics_text(ms_per_step: float | None, values: dict) -> str:
+    """The text after the bar: " - 2.4ms/step - loss: 0.4123 - ..."."""
     parts = [f"{ms_per_step:.1f}ms/step"] if ms_per_step is not None else []
-    parts += [f"{key}: {values[key]:.4f}" for key in SUMMARY_KEYS if key in values]
-    if values.get("penalty"):
-        parts.append(f"penalty: {values['penalty']:.4f}")
-    return "".join(f" - {p}" for p in parts)
+    return "".join(f" - {p}" for p in parts + _metric_parts(values))
 
 
 class ProgressBar:
@@ -95,10 +99,6 @@ class ProgressBar:
         self.mode = mode or output_mode(self.stream)
         self.refresh = refresh
         self._bar = None
-
-    @property
-    def tty(self) -> bool:
-        return self.mode != "plain"
 
     def on_epoch_begin(self, trainer, epoch):
         if self.mode == "plain":
