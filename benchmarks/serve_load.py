@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import OUT_DIR, fmt, machine_info, note, smoke_run, table, write_result
+from common import (fmt, machine_info, note, parse_run_args, smoke_run, table,
+                    write_result)
 from fashion_cnn.data.fashion_mnist import load_data
 
 BOUNDARY = "fashioncnnloadtest"
@@ -145,7 +146,9 @@ def start_server(run_dir, port: int, threads: int, log: Path) -> subprocess.Pope
             raise SystemExit(f"serve_load: the server exited ({process.returncode}); see {log}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                # the Host a client of 127.0.0.1 sends: serve answers no other on loopback
+                sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                             f"Connection: close\r\n\r\n".encode())
                 if b"200 OK" in sock.recv(1024):
                     return process
         except OSError:
@@ -172,13 +175,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the soak fails where the server's RSS grows by more (default 32)")
     p.add_argument("--threads", type=int, default=0,
                    help="the server's torch threads (default: serve's own choice)")
-    p.add_argument("--smoke", action="store_true",
-                   help="a tiny run, 2 clients, a few requests: only shows the script works")
-    p.add_argument("--out", type=Path, default=OUT_DIR / "serve_load.json")
-    args = p.parse_args(argv)
-    if not args.smoke and not args.run_dir:
-        p.error("give a RUN_DIR (or --smoke)")
-    return args
+    return parse_run_args(p, argv, "serve_load.json",
+                          "a tiny run, 2 clients, a few requests: only shows the script works")
 
 
 def main(argv=None) -> int:

@@ -144,3 +144,12 @@ def test_watch_cost_smoke(tmp_path):
     assert all(len(v) == 1 and positive(v[0]) for v in result["seconds"].values())
     assert result["median_ratio"]["none"] == 1.0 and "tensorboard" in stdout
     assert result["callback_share"]["none"] == 0 and result["callback_share"]["bar"] > 0
+
+
+def test_serve_load_smoke(tmp_path):
+    pytest.importorskip("uvicorn")
+    result, stdout = run_smoke("serve_load", tmp_path)
+    rows = result["results"]
+    assert [(r["clients"], r["batch"]) for r in rows] == [(1, 1), (2, 1), (1, 4), (2, 4)]
+    assert all(r["errors"] == 0 and r["requests"] == 20 and positive(r["p50_ms"]) for r in rows)
+    assert result["soak"]["requests"] == 50 and result["soak"]["errors"] == 0
