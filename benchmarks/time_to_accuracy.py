@@ -17,6 +17,14 @@ spread of the seconds over the seeds that reached it, and how many did.
     python benchmarks/time_to_accuracy.py                        # every default recipe, seed 0
     python benchmarks/time_to_accuracy.py --recipes fast --seeds 0 1 2
     python benchmarks/time_to_accuracy.py --smoke                # seconds: checks the script
+
+The accuracy-time frontier: `--frontier DIR ...` trains nothing; it reads finished runs (run
+directories, or study directories holding them) and prints each recipe's test accuracy against
+its training minutes (mean over seeds), the seed's Keras code beside them (the seed study's
+reference numbers), which points are on the frontier (no other point of ours is both faster
+and more accurate), and draws them (--figure, a PNG). A measuring run draws its own.
+
+    python benchmarks/time_to_accuracy.py --frontier studies/seed runs/fast-* --figure f.png
 """
 
 from __future__ import annotations
@@ -29,10 +37,13 @@ import time
 from pathlib import Path
 
 from common import OUT_DIR, fmt, machine_info, note, spread, table, write_result
+from fashion_cnn.analysis.study import load_study
 from fashion_cnn.data.fashion_mnist import load_data
+from fashion_cnn.errors import UserError
 from fashion_cnn.perf import configure_runtime
 from fashion_cnn import train
 from fashion_cnn.training.recipes import list_recipes
+from fashion_cnn.training.rundir import RunDir
 
 THRESHOLDS = [0.90, 0.926, 0.94, 0.95]  # 0.926: the seed's best test accuracy (model4)
 SEED_RECIPES = ["seed-model1", "seed-model2", "seed-model3", "seed-model4"]
@@ -131,6 +142,135 @@ def cell(stats: dict, digits: int = 1) -> str:
     return text
 
 
+# ------------------------------------------------------------------------------ the frontier
+
+def finished_runs(directories: list[Path]) -> list[RunDir]:
+    """The finished runs among `directories` and their immediate subdirectories (a study)."""
+    runs = []
+    for directory in directories:
+        if not directory.is_dir():
+            raise UserError(f"{directory}: not a directory")
+        candidates = [directory] + sorted(p for p in directory.iterdir() if p.is_dir())
+        runs += [RunDir(c) for c in candidates if RunDir(c).is_finished()]
+    if not runs:
+        raise UserError(f"no finished run in {', '.join(map(str, directories))}")
+    return runs
+
+
+def points_from_runs(run_dirs: list[RunDir]) -> list[dict]:
+    """One point per recipe and precision: mean test accuracy and training minutes over its
+    runs (seeds), the largest peak memory."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run_dir in run_dirs:
+        cfg, metrics = run_dir.read_config(), run_dir.read_metrics()
+        groups.setdefault((cfg.recipe, cfg.train.precision), []).append(metrics)
+    points = []
+    for (recipe, precision), runs in groups.items():
+        accuracy = spread([m["test_accuracy"] for m in runs])
+        minutes = spread([m["train_seconds"] / 60 for m in runs])
+        points.append({"label": recipe, "side": "ours", "precision": precision,
+                       "seeds": len(runs), "accuracy": accuracy["mean"],
+                       "accuracy_sd": accuracy["std"], "minutes": minutes["mean"],
+                       "peak_mib": max((m.get("peak_rss_mib") or 0) for m in runs) or None})
+    return points
+
+
+def points_from_summaries(summaries: list[dict], precision: dict[str, str]) -> list[dict]:
+    """The points of this script's own measured runs."""
+    return [{"label": s["recipe"], "side": "ours", "precision": precision.get(s["recipe"]),
+             "seeds": s["train_seconds"]["n"], "accuracy": s["final_test_accuracy"]["mean"],
+             "accuracy_sd": s["final_test_accuracy"]["std"],
+             "minutes": s["train_seconds"]["mean"] / 60, "peak_mib": None} for s in summaries]
+
+
+def keras_points() -> list[dict]:
+    """The seed's Keras code on the seed study's runs (its reference numbers)."""
+    study = load_study("seed")
+    return [{"label": run.recipe, "side": "keras", "precision": "fp32", "seeds": 1,
+             "accuracy": run.reference["keras_test_accuracy"], "accuracy_sd": None,
+             "minutes": run.reference["keras_train_seconds"] / 60, "peak_mib": None}
+            for run in study.runs if "keras_test_accuracy" in run.reference]
+
+
+def mark_frontier(points: list[dict]) -> list[dict]:
+    """Sets `frontier` on each point of ours: no other point of ours is at least as fast and
+    at least as accurate, and better in one of the two."""
+    ours = [p for p in points if p["side"] == "ours"]
+    for p in points:
+        p["frontier"] = p["side"] == "ours" and not any(
+            q is not p and q["minutes"] <= p["minutes"] and q["accuracy"] >= p["accuracy"]
+            and (q["minutes"] < p["minutes"] or q["accuracy"] > p["accuracy"]) for q in ours)
+    return points
+
+
+def frontier_table(points: list[dict]) -> str:
+    rows = []
+    for p in sorted(points, key=lambda p: (p["minutes"], p["side"])):
+        acc = f"{p['accuracy']:.4f}"
+        if p["seeds"] > 1 and p["accuracy_sd"] is not None:
+            acc += f" +- {p['accuracy_sd']:.4f}"
+        rows.append([p["label"], "Keras (seed's code)" if p["side"] == "keras" else "ours",
+                     p["precision"] or "-", p["seeds"], fmt(p["minutes"], 2), acc,
+                     fmt(p["peak_mib"], 0), "yes" if p["frontier"] else ""])
+    return table(["recipe", "side", "precision", "seeds", "training min", "test acc.",
+                  "peak MiB", "frontier"], rows)
+
+
+def draw_frontier(points: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    ours = sorted((p for p in points if p["side"] == "ours"), key=lambda p: p["minutes"])
+    keras = [p for p in points if p["side"] == "keras"]
+    by_label = {p["label"]: p for p in ours}
+    for k in keras:  # the same model, the seed's code to ours
+        if k["label"] in by_label:
+            o = by_label[k["label"]]
+            ax.annotate("", xy=(o["minutes"], o["accuracy"]), xytext=(k["minutes"], k["accuracy"]),
+                        arrowprops={"arrowstyle": "->", "color": "0.6", "lw": 1})
+    front = [p for p in ours if p["frontier"]]
+    ax.step([p["minutes"] for p in front], [p["accuracy"] for p in front], where="post",
+            color="tab:blue", alpha=0.4, lw=1.5, label="frontier (ours)")
+    ax.errorbar([p["minutes"] for p in ours], [p["accuracy"] for p in ours],
+                yerr=[p["accuracy_sd"] or 0 for p in ours], fmt="o", color="tab:blue",
+                capsize=3, label="ours (mean ± sd over seeds)")
+    ax.plot([p["minutes"] for p in keras], [p["accuracy"] for p in keras], "s",
+            mfc="none", color="tab:orange", ms=8, label="the seed's Keras code")
+    for p in ours + keras:
+        ax.annotate(p["label"], (p["minutes"], p["accuracy"]), textcoords="offset points",
+                    xytext=(6, -10 if p["side"] == "keras" else 5), fontsize=8,
+                    color="tab:orange" if p["side"] == "keras" else "tab:blue")
+    ax.set_xscale("log")
+    ax.set_xlabel("training minutes (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def frontier_main(args) -> int:
+    try:
+        runs = finished_runs(args.frontier)
+    except UserError as exc:
+        print(f"time_to_accuracy.py: error: {exc}", file=sys.stderr)
+        return 2
+    points = mark_frontier(points_from_runs(runs) + keras_points())
+    print(frontier_table(points))
+    figure = draw_frontier(points, args.figure, args.title)
+    print(f"\nwrote {figure}")
+    write_result(args.out, {"benchmark": "frontier", "machine": machine_info(),
+                            "runs": [str(d) for d in args.frontier], "points": points})
+    return 0
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Training seconds until test accuracy first reaches each threshold, per "
@@ -152,9 +292,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "thresholds mean the full 10,000)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny setting: seed-model1, subset 512, 1 epoch, 1,000 test images")
-    p.add_argument("--out", type=Path, default=OUT_DIR / "time_to_accuracy.json",
-                   help="JSON result (default: benchmarks/out/time_to_accuracy.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON result (default: benchmarks/out/time_to_accuracy.json, or "
+                        "frontier.json with --frontier)")
+    p.add_argument("--frontier", nargs="+", type=Path, metavar="DIR",
+                   help="train nothing: the frontier of these finished runs (run or study "
+                        "directories)")
+    p.add_argument("--figure", type=Path, default=None,
+                   help="the frontier figure (default: the JSON result's path, as .png)")
+    p.add_argument("--title", default="Fashion-MNIST: test accuracy against training time, "
+                                      "2 CPU cores", help="the figure's title")
     args = p.parse_args(argv)
+    args.out = args.out or OUT_DIR / ("frontier.json" if args.frontier else
+                                      "time_to_accuracy.json")
+    args.figure = args.figure or args.out.with_suffix(".png")
     if args.smoke:
         args.recipes = args.recipes or ["seed-model1"]
         args.subset, args.epochs, args.seeds, args.test_images = 512, 1, [0], 1000
@@ -165,6 +316,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.frontier:
+        return frontier_main(args)
     configure_runtime(args.threads)
     data = load_data()
     if args.test_images:
@@ -198,10 +351,15 @@ def main(argv=None) -> int:
             row.append(text)
         rows.append(row)
     print(table(headers, rows))
+    precision = {r["recipe"]: r["precision"] for r in runs}
+    points = mark_frontier(points_from_summaries(summaries, precision) + keras_points())
+    print("\nThe frontier (final test accuracy against training minutes):")
+    print(frontier_table(points))
+    print(f"wrote {draw_frontier(points, args.figure, args.title)}")
     write_result(args.out, {
         "benchmark": "time_to_accuracy", "machine": machine_info(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "summaries": summaries, "runs": runs,
+        "summaries": summaries, "runs": runs, "frontier": points,
     })
     return 0
 

@@ -83,6 +83,46 @@ def test_time_to_accuracy_smoke(tmp_path):
     assert summary["recipe"] == "seed-model1" and summary["train_seconds"]["n"] == 1
     assert summary["thresholds"]["0.926"]["of"] == 1
     assert ">= 0.926" in stdout
+    # its frontier: its one run, and the seed's Keras points beside it
+    ours = [p for p in result["frontier"] if p["side"] == "ours"]
+    assert [(p["label"], p["seeds"], p["frontier"]) for p in ours] == [("seed-model1", 1, True)]
+    assert {p["label"] for p in result["frontier"] if p["side"] == "keras"} == {
+        "seed-model1", "seed-model2", "seed-model3", "seed-model4"}
+    assert (tmp_path / "time_to_accuracy.png").stat().st_size > 10_000
+
+
+def test_frontier_of_finished_runs(tmp_path, real_data):
+    """--frontier reads runs and a study's runs, groups seeds, marks the frontier, draws it."""
+    import fashion_cnn as fc
+
+    study = tmp_path / "study"
+    for seed in (0, 1):
+        fc.train("seed-dense", study / f"dense-seed{seed}", data=real_data, progress=False,
+                 plots=False, epochs=1, subset=500, seed=seed)
+    fc.train("seed-model1", tmp_path / "m1", data=real_data, progress=False, plots=False,
+             epochs=1, subset=500)
+    (study / "not-a-run").mkdir()
+    out = tmp_path / "frontier.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "time_to_accuracy.py"),
+                           "--frontier", str(study), str(tmp_path / "m1"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    points = {(p["label"], p["side"]): p for p in json.loads(out.read_text())["points"]}
+    dense, model1 = points[("seed-dense", "ours")], points[("seed-model1", "ours")]
+    accuracies = [json.loads((study / f"dense-seed{s}" / "metrics.json").read_text())
+                  ["test_accuracy"] for s in (0, 1)]
+    assert dense["seeds"] == 2 and dense["accuracy"] == pytest.approx(sum(accuracies) / 2)
+    # a point is on the frontier unless another of ours is faster and more accurate
+    faster = min((dense, model1), key=lambda p: p["minutes"])
+    assert faster["frontier"]
+    other = model1 if faster is dense else dense
+    assert other["frontier"] == (other["accuracy"] > faster["accuracy"])
+    assert not points[("seed-model1", "keras")]["frontier"]
+    assert "frontier" in done.stdout and (tmp_path / "frontier.png").stat().st_size > 10_000
+    missing = subprocess.run([sys.executable, str(BENCHMARKS / "time_to_accuracy.py"),
+                              "--frontier", str(tmp_path / "nowhere")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "not a directory" in missing.stderr
 
 
 def check_vs_keras(result: dict, with_keras: bool) -> None:
@@ -153,3 +193,11 @@ def test_serve_load_smoke(tmp_path):
     assert [(r["clients"], r["batch"]) for r in rows] == [(1, 1), (2, 1), (1, 4), (2, 4)]
     assert all(r["errors"] == 0 and r["requests"] == 20 and positive(r["p50_ms"]) for r in rows)
     assert result["soak"]["requests"] == 50 and result["soak"]["errors"] == 0
+
+
+def test_contention_smoke(tmp_path):
+    result, stdout = run_smoke("contention", tmp_path)
+    assert set(result["seconds"]) == {"fixed/idle", "fixed/contended", "adaptive/idle",
+                                      "adaptive/contended"}
+    assert all(len(v) == 1 and positive(v[0]) for v in result["seconds"].values())
+    assert "contended / idle" in stdout

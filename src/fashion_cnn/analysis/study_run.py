@@ -16,9 +16,11 @@ from .. import fileio
 from ..errors import CheckpointError, SpecError, TrainingStopped, UserError
 from ..training.config import RunConfig, bind_to_data
 from ..training.run import config_differences, data_for
+from ..training.progress import in_notebook
 from ..training.rundir import RunDir
 from .plots import plots_from_run
 from .report import write_report
+from .run_process import run_in_process
 from .runs import resume, train
 from .study import STUDY_FILE, Study, load_study, read_study
 
@@ -115,19 +117,14 @@ def _run_one(run_dir: RunDir, cfg: RunConfig, data, progress: bool, log) -> str:
     return "trained"
 
 
-def run_study(name_or_path: str, out: str | os.PathLike | None = None, *,
-              epochs_scale: float | None = None, subset: int | None = None,
-              repeats: int | None = None, dataset: str | None = None, progress: bool = True,
-              report: bool = True, data=None, log=print,
-              tensorboard: bool | str | os.PathLike = False) -> StudyResult:
-    """Train every run of a study into `out` (default studies/<name>), skipping finished runs
-    and resuming interrupted ones; then write the report (report.html, report.md).
+def _run_one_loading(run_dir: RunDir, cfg: RunConfig, data, progress: bool, log) -> str:
+    """_run_one in a run's own process: the data loaded there (from the cache) unless the
+    caller gave it."""
+    return _run_one(run_dir, cfg, data_for(cfg, data), progress, log)
 
-    tensorboard: True logs each run into its RUN_DIR/tensorboard (`tensorboard --logdir
-    STUDY_DIR` shows them all); a folder logs each into FOLDER/<run directory's name>."""
-    study = load_study(name_or_path, epochs_scale=epochs_scale, subset=subset, repeats=repeats,
-                       dataset=dataset)
-    study_dir = _open_study_dir(study, out)
+
+def _plan(study: Study, tensorboard) -> list[tuple[str, RunConfig]]:
+    """(run directory name, config) of every run, in order, logging as `tensorboard` says."""
     plan = [(dir_name, study.config_for(run, offset))
             for run in study.runs for offset, dir_name in study.dir_names(run)]
     if tensorboard is not False:
@@ -135,12 +132,40 @@ def run_study(name_or_path: str, out: str | os.PathLike | None = None, *,
             cfg.log.tensorboard = True
             if tensorboard is not True:
                 cfg.log.tensorboard_dir = str(Path(tensorboard) / dir_name)
+    return plan
+
+
+def _record_study(study: Study, study_dir: Path) -> bool:
+    """Write the resolved study.toml where it changed; whether it did (the report is then
+    stale: the study's description or reference data changed, or a run did)."""
     resolved = study.to_toml()
     recorded = study_dir / STUDY_FILE
-    # The report is stale when the study's description or reference data changed, or a run did.
-    report_stale = not recorded.is_file() or recorded.read_text() != resolved
-    if report_stale:
+    changed = not recorded.is_file() or recorded.read_text() != resolved
+    if changed:
         fileio.write_text(recorded, resolved)
+    return changed
+
+
+def run_study(name_or_path: str, out: str | os.PathLike | None = None, *,
+              epochs_scale: float | None = None, subset: int | None = None,
+              repeats: int | None = None, dataset: str | None = None, progress: bool = True,
+              report: bool = True, data=None, log=print,
+              tensorboard: bool | str | os.PathLike = False,
+              isolate: bool | None = None) -> StudyResult:
+    """Train every run of a study into `out` (default studies/<name>), skipping finished runs
+    and resuming interrupted ones; then write the report (report.html, report.md).
+
+    isolate: each run trains in a process of its own (run_process.py: its own memory peak, a
+    crash ends only that run); the default, except in a notebook, where the progress display
+    needs the kernel's own process. False trains every run in this process.
+
+    tensorboard: True logs each run into its RUN_DIR/tensorboard (`tensorboard --logdir
+    STUDY_DIR` shows them all); a folder logs each into FOLDER/<run directory's name>."""
+    study = load_study(name_or_path, epochs_scale=epochs_scale, subset=subset, repeats=repeats,
+                       dataset=dataset)
+    study_dir = _open_study_dir(study, out)
+    plan = _plan(study, tensorboard)
+    report_stale = _record_study(study, study_dir)
     loaded = {}  # how a dataset is loaded -> ImageData, each decoded once for the whole study
 
     def cached_data(cfg: RunConfig):
@@ -151,12 +176,20 @@ def run_study(name_or_path: str, out: str | os.PathLike | None = None, *,
             loaded[key] = data_for(cfg, data)
         return loaded[key]
 
+    if isolate is None:
+        isolate = not in_notebook()
     done = {}
     for index, (dir_name, cfg) in enumerate(plan, 1):
         head = f"[{index}/{len(plan)}] {dir_name}"
+        run_log = lambda text, head=head: log(f"{head}: {text}")  # noqa: E731
         try:
-            status = _run_one(RunDir(study_dir / dir_name), cfg, cached_data(cfg), progress,
-                              lambda text: log(f"{head}: {text}"))
+            if isolate:
+                status = run_in_process(_run_one_loading,
+                                        (RunDir(study_dir / dir_name), cfg, data, progress),
+                                        run_log, f"run {dir_name}")
+            else:
+                status = _run_one(RunDir(study_dir / dir_name), cfg, cached_data(cfg),
+                                  progress, run_log)
         except TrainingStopped as stop:
             raise stop.extended(f"; or continue the whole study with: "
                                 f"{study_command(study, study_dir)}") from None

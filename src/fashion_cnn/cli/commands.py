@@ -405,7 +405,8 @@ def cmd_study(args) -> int:
 
     result = run_study(args.study, args.out, epochs_scale=args.epochs_scale, subset=args.subset,
                        repeats=args.repeats, dataset=args.dataset, progress=not args.quiet,
-                       tensorboard=_tensorboard(args) or False)
+                       tensorboard=_tensorboard(args) or False,
+                       isolate=False if args.in_process else None)
     print_study_result(result)
     return 0
 

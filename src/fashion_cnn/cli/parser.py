@@ -89,7 +89,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="on CUDA, deterministic algorithms (slower)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (compile time is reported apart)")
-    g.add_argument("--threads", type=int, help="CPU threads (0: one per core)")
+    g.add_argument("--threads", type=int, help="CPU threads (0: one per core, fewer while other "
+                   "processes keep cores busy)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="turn the recipe's augmentation on or off")
     d = p.add_argument_group("data")
@@ -321,6 +322,9 @@ def _figure_commands(sub) -> None:
     p.add_argument("--dataset", metavar="NAME_OR_PATH",
                    help="train every run on this dataset (as --dataset of train)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+    p.add_argument("--in-process", action="store_true",
+                   help="train every run in this process (default: each run in a process of "
+                        "its own, with its own memory peak)")
     _add_tensorboard_option(p, "one sub-run per run, each into its RUN_DIR/tensorboard; "
                                "with --tensorboard-dir DIR, into DIR/<run>")
     p.set_defaults(func=commands.cmd_study)

@@ -66,7 +66,7 @@ class TrainConfig:
     device: str = "auto"            # auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps
     cpu_kernels: bool = True        # on the CPU, the C kernels and CPU speed paths (models.cpu_pass)
     deterministic: bool = False     # on CUDA, deterministic algorithms (cuDNN benchmark off)
-    threads: int = 0                # CPU threads (0 = PyTorch's default: one per core)
+    threads: int = 0                # CPU threads (0: one per core, fewer while others are busy)
     compile: bool = False           # torch.compile the model (compile time reported apart)
     eval_batch_size: int = 256      # images per evaluation batch (small batches stay in cache)
     tta: str = "none"               # test-time augmentation of the final evaluation: none | shift | flip

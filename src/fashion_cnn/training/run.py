@@ -34,6 +34,7 @@ from ..models.cpu_pass import is_accelerated
 from ..perf import configure_runtime, return_freed_memory
 from . import distributed
 from .progress import ProgressBar
+from .threads import FreeCoreThreads
 from .callbacks import (EarlyStopping, HistoryWriter, ModelCheckpoint, best_epoch,
                         check_options)
 from .checkpoint import load_checkpoint, newest_intact, recover_checkpoints, save_run_weights
@@ -127,6 +128,8 @@ def standard_callbacks(cfg: RunConfig, run_dir: RunDir, progress: bool = True, e
                                        c.restore_best, run_dir))
     if progress:
         callbacks.append(ProgressBar())
+    if not cfg.train.threads and not cfg.train.deterministic:
+        callbacks.append(FreeCoreThreads())  # fewer threads while other processes are busy
     return callbacks + list(extra)
 
 
@@ -184,6 +187,10 @@ def _finish(trainer: Trainer, run_dir: RunDir, train_seconds: float) -> RunResul
         "eval_seconds": eval_seconds,
         "peak_rss_mib": peak_rss_mib(),
         "precision": cfg.train.precision, "threads": torch.get_num_threads(),
+        # (epoch, batch, threads) for each time FreeCoreThreads changed the count: other
+        # processes were busy, so train_seconds is not this machine's idle speed
+        "thread_changes": [list(c) for cb in trainer.callbacks
+                           if isinstance(cb, FreeCoreThreads) for c in cb.changes],
         "device": str(trainer.device), "device_name": devices.device_name(trainer.device),
         "cpu_pass": is_accelerated(trainer.model),
         # whether the training steps ran the first block, the max pools and the dropout layers
