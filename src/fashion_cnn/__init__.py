@@ -87,6 +87,7 @@ _EXPORTS = {
     "RunResult": "training.run",
     "run_config": "training.run",
     "ProgressBar": "training.progress",
+    "FreeCoreThreads": "training.threads",
     "TensorBoardLogger": "analysis.tensorboard",
     "evaluate_run": "training.reload",
     "load_model": "training.reload",
@@ -102,6 +103,7 @@ __all__ = [
     # configuration and training
     "RunConfig", "bind_to_data", "list_recipes", "load_config", "resolve_config", "Trainer", "evaluate", "train",
     "resume", "RunResult", "RunDir", "evaluate_run", "load_model", "run_config", "ProgressBar",
+    "FreeCoreThreads",
     # analysis
     "LivePlot", "confusion_matrix", "per_class_table", "softmax", "figure_metrics",
     "figure_confusion", "figure_weights", "figure_compare_curves", "figure_predictions",
