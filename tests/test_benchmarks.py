@@ -201,3 +201,27 @@ def test_contention_smoke(tmp_path):
                                       "adaptive/contended"}
     assert all(len(v) == 1 and positive(v[0]) for v in result["seconds"].values())
     assert "contended / idle" in stdout
+
+
+def test_step_profile_smoke(tmp_path):
+    result, stdout = run_smoke("step_profile", tmp_path)
+    recipe = result["recipes"]["seed-model2"]
+    assert set(recipe["ms_per_step"]) == {"16", "32"} and recipe["own_batch_size"] == 32
+    for ms in recipe["ms_per_step"].values():
+        # every phase the model computes in took time, and the phases fit inside the step
+        assert all(positive(ms[phase]) for phase in ("total", "batch", "forward", "backward",
+                                                     "optimizer"))
+        timed = sum(ms[p] for p in ("batch", "augment", "forward", "backward", "optimizer",
+                                    "clear_grads"))
+        assert timed <= ms["total"] and abs(ms["rest"] - (ms["total"] - timed)) < 1e-9
+    assert recipe["ms_per_image"] != 0 and 0 < recipe["profile"]["operator_calls_per_step"]
+    assert recipe["profile"]["top"] and "fixed part" in stdout
+
+
+def test_fused_kernels_smoke(tmp_path):
+    result, stdout = run_smoke("fused_kernels", tmp_path)
+    recipe = result["recipes"]["seed-model2"]
+    assert len(recipe["fused_ms_per_step"]) == len(recipe["pytorch_ms_per_step"]) == 1
+    assert all(positive(v) for v in recipe["fused_ms_per_step"] + recipe["pytorch_ms_per_step"])
+    assert result["default_fused"] is result["cpu_capability"].startswith("AVX512")
+    assert "PyTorch / fused" in stdout

@@ -164,9 +164,11 @@ def test_plain_undoes_the_pass_and_keeps_the_parameters():
     assert accelerate(net) is net and not is_accelerated(net)  # other modules: as they are
 
 
-def test_training_with_and_without_the_cpu_pass_reaches_the_same_weights(real_data, tmp_path):
+def test_training_with_and_without_the_cpu_pass_reaches_the_same_weights(real_data, tmp_path,
+                                                                          monkeypatch):
     """seed-model1 has no dropout: with the pass on (C kernels, Keras' Adam in C) and off (the
     plain model, torch's fused Adam) the same steps give the same weights up to rounding."""
+    monkeypatch.setenv("FASHION_CNN_FUSED_KERNELS", "1")  # the fused layers on any CPU
     runs = {}
     for kernels_on in (True, False):
         out = tmp_path / f"kernels-{kernels_on}"

@@ -272,6 +272,7 @@ def test_switching_kernels_off_reaches_the_dropout_layers():
     from fashion_cnn.models.cpu_pass import CpuDropout
 
     model = accelerate(build_model(get_model_spec("model2"), seed=0))
+    model.use_fused_kernels = True  # the default only on AVX-512 CPUs
     layers = [m for m in model.modules() if isinstance(m, CpuDropout)]
     assert len(layers) == 2 and model.runs_fused_dropout
     model.use_fused_kernels = False
@@ -336,6 +337,7 @@ def test_model_training_step_is_the_same_with_the_pool_kernel(name, precision):
     from fashion_cnn.devices import autocast
 
     model = accelerate(build_model(get_model_spec(name), seed=0)).train()
+    model.use_fused_kernels = True  # the default only on AVX-512 CPUs
     assert model.pools and model.runs_fused_pool
     if name == "model2":  # its second pool takes the ReLU and the Dropout after it
         relu, dropout = model.pools[4]
@@ -376,3 +378,16 @@ def test_model2_training_forward_draws_its_masks_as_the_unfused_layers_do():
         h = layer(h) if not isinstance(layer, torch.nn.Sequential) or len(layer) != 2 \
             or not isinstance(layer[0], torch.nn.MaxPool2d) else torch.relu(F.max_pool2d(h, 2))
     assert torch.equal(fused, h)
+
+
+def test_fused_kernels_default_to_the_cpus_with_avx512(monkeypatch):
+    from fashion_cnn.models import kernels
+
+    monkeypatch.delenv("FASHION_CNN_FUSED_KERNELS", raising=False)
+    has_avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert kernels.fused_layers_pay_off() is has_avx512
+    assert accelerate(build_model(get_model_spec("model2"), seed=0)).use_fused_kernels is has_avx512
+    for forced, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv("FASHION_CNN_FUSED_KERNELS", forced)
+        model = accelerate(build_model(get_model_spec("model2"), seed=0))
+        assert model.use_fused_kernels is expected and model.runs_fused_pool is expected

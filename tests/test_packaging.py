@@ -94,6 +94,7 @@ def outside(tmp_path) -> tuple[Path, dict]:
     cwd.mkdir()
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["FASHION_CNN_CACHE"] = str(tmp_path / "cache")
+    env["FASHION_CNN_FUSED_KERNELS"] = "1"  # train through every kernel the wheel compiled
     return cwd, env
 
 

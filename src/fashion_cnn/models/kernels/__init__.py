@@ -147,6 +147,19 @@ def available() -> bool:
     return _load() is not None
 
 
+def fused_layers_pay_off() -> bool:
+    """Whether a model's layers should take the fused kernels (conv1_pool, max_pool, dropout)
+    by default on this CPU: FASHION_CNN_FUSED_KERNELS=1 or 0 decides where it is set;
+    otherwise only a CPU with AVX-512. The kernels' 16-lane vectors are one AVX-512 register
+    and two AVX2 ones; on an AVX2-only CPU they spill registers, and a seed-model1 step there
+    is measured slower with them than through PyTorch's own layers (benchmarks/RESULTS.md,
+    "fused kernels on an AVX2 CPU"). adam.c, a plain loop, stays in use everywhere."""
+    forced = os.environ.get("FASHION_CNN_FUSED_KERNELS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def status() -> str:
     """One line: whether the kernels are in use, and why not where they are not."""
     _load()
