@@ -21,10 +21,15 @@ spread of the seconds over the seeds that reached it, and how many did.
 The accuracy-time frontier: `--frontier DIR ...` trains nothing; it reads finished runs (run
 directories, or study directories holding them) and prints each recipe's test accuracy against
 its training minutes (mean over seeds), the seed's Keras code beside them (the seed study's
-reference numbers), which points are on the frontier (no other point of ours is both faster
-and more accurate), and draws them (--figure, a PNG). A measuring run draws its own.
+reference numbers), which points are on the frontier (no other point of ours on the same
+machine is both faster and more accurate), and draws them (--figure, a PNG). `--recorded FILE`
+adds points measured earlier on another machine (benchmarks/frontier_reference.toml: the
+reference machine's, where the Keras points were measured too); each point carries its machine,
+and only points of one machine are compared. A measuring run draws its own.
 
     python benchmarks/time_to_accuracy.py --frontier studies/seed runs/fast-* --figure f.png
+    python benchmarks/time_to_accuracy.py --frontier studies/seed \
+        --recorded benchmarks/frontier_reference.toml --figure docs/images/frontier.png
 """
 
 from __future__ import annotations
@@ -34,7 +39,10 @@ import dataclasses
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
+
+import torch
 
 from common import OUT_DIR, fmt, machine_info, note, spread, table, write_result
 from fashion_cnn.analysis.study import load_study
@@ -47,6 +55,8 @@ from fashion_cnn.training.rundir import RunDir
 
 THRESHOLDS = [0.90, 0.926, 0.94, 0.95]  # 0.926: the seed's best test accuracy (model4)
 SEED_RECIPES = ["seed-model1", "seed-model2", "seed-model3", "seed-model4"]
+# where the seed study's Keras reference numbers were measured (RESULTS.md, keras_seed.py)
+KERAS_MACHINE = "AVX-512 machine"
 
 
 def default_recipes() -> list[str]:
@@ -157,9 +167,13 @@ def finished_runs(directories: list[Path]) -> list[RunDir]:
     return runs
 
 
-def points_from_runs(run_dirs: list[RunDir]) -> list[dict]:
+def this_machine() -> str:
+    return f"this machine ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def points_from_runs(run_dirs: list[RunDir], machine: str) -> list[dict]:
     """One point per recipe and precision: mean test accuracy and training minutes over its
-    runs (seeds), the largest peak memory."""
+    runs (seeds), the largest peak memory; the runs were trained on `machine`."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for run_dir in run_dirs:
         cfg, metrics = run_dir.read_config(), run_dir.read_metrics()
@@ -168,8 +182,8 @@ def points_from_runs(run_dirs: list[RunDir]) -> list[dict]:
     for (recipe, precision), runs in groups.items():
         accuracy = spread([m["test_accuracy"] for m in runs])
         minutes = spread([m["train_seconds"] / 60 for m in runs])
-        points.append({"label": recipe, "side": "ours", "precision": precision,
-                       "seeds": len(runs), "accuracy": accuracy["mean"],
+        points.append({"label": recipe, "side": "ours", "machine": machine,
+                       "precision": precision, "seeds": len(runs), "accuracy": accuracy["mean"],
                        "accuracy_sd": accuracy["std"], "minutes": minutes["mean"],
                        "peak_mib": max((m.get("peak_rss_mib") or 0) for m in runs) or None})
     return points
@@ -177,7 +191,8 @@ def points_from_runs(run_dirs: list[RunDir]) -> list[dict]:
 
 def points_from_summaries(summaries: list[dict], precision: dict[str, str]) -> list[dict]:
     """The points of this script's own measured runs."""
-    return [{"label": s["recipe"], "side": "ours", "precision": precision.get(s["recipe"]),
+    return [{"label": s["recipe"], "side": "ours", "machine": this_machine(),
+             "precision": precision.get(s["recipe"]),
              "seeds": s["train_seconds"]["n"], "accuracy": s["final_test_accuracy"]["mean"],
              "accuracy_sd": s["final_test_accuracy"]["std"],
              "minutes": s["train_seconds"]["mean"] / 60, "peak_mib": None} for s in summaries]
@@ -186,69 +201,120 @@ def points_from_summaries(summaries: list[dict], precision: dict[str, str]) -> l
 def keras_points() -> list[dict]:
     """The seed's Keras code on the seed study's runs (its reference numbers)."""
     study = load_study("seed")
-    return [{"label": run.recipe, "side": "keras", "precision": "fp32", "seeds": 1,
+    return [{"label": run.recipe, "side": "keras", "machine": KERAS_MACHINE,
+             "precision": "fp32", "seeds": 1,
              "accuracy": run.reference["keras_test_accuracy"], "accuracy_sd": None,
              "minutes": run.reference["keras_train_seconds"] / 60, "peak_mib": None}
             for run in study.runs if "keras_test_accuracy" in run.reference]
 
 
+RECORDED_KEYS = {"label": str, "precision": str, "seeds": int, "accuracy": float,
+                 "train_seconds": float, "measured": str, "source": str}
+
+
+def recorded_points(path: Path) -> list[dict]:
+    """Points of ours measured earlier (a TOML file: `machine`, and [[point]] tables with
+    RECORDED_KEYS, optional accuracy_sd and peak_mib)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"{path}: cannot read recorded points: {exc}") from None
+    if not isinstance(data.get("machine"), str) or not data.get("point"):
+        raise UserError(f"{path}: needs a `machine` name and [[point]] tables")
+    points = []
+    for number, raw in enumerate(data["point"], 1):
+        for key, kind in RECORDED_KEYS.items():
+            value = raw.get(key)
+            if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool):
+                raise UserError(f"{path}: point {number}: `{key}` must be a {kind.__name__}")
+        points.append({"label": raw["label"], "side": "ours", "machine": data["machine"],
+                       "precision": raw["precision"], "seeds": raw["seeds"],
+                       "accuracy": raw["accuracy"], "accuracy_sd": raw.get("accuracy_sd"),
+                       "minutes": raw["train_seconds"] / 60, "peak_mib": raw.get("peak_mib"),
+                       "measured": raw["measured"], "source": raw["source"]})
+    return points
+
+
 def mark_frontier(points: list[dict]) -> list[dict]:
-    """Sets `frontier` on each point of ours: no other point of ours is at least as fast and
-    at least as accurate, and better in one of the two."""
+    """Sets `frontier` on each point of ours: no other point of ours on the same machine is at
+    least as fast and at least as accurate, and better in one of the two."""
     ours = [p for p in points if p["side"] == "ours"]
     for p in points:
         p["frontier"] = p["side"] == "ours" and not any(
-            q is not p and q["minutes"] <= p["minutes"] and q["accuracy"] >= p["accuracy"]
+            q is not p and q["machine"] == p["machine"]
+            and q["minutes"] <= p["minutes"] and q["accuracy"] >= p["accuracy"]
             and (q["minutes"] < p["minutes"] or q["accuracy"] > p["accuracy"]) for q in ours)
     return points
 
 
 def frontier_table(points: list[dict]) -> str:
     rows = []
-    for p in sorted(points, key=lambda p: (p["minutes"], p["side"])):
+    for p in sorted(points, key=lambda p: (p["machine"], p["minutes"], p["side"])):
         acc = f"{p['accuracy']:.4f}"
         if p["seeds"] > 1 and p["accuracy_sd"] is not None:
             acc += f" +- {p['accuracy_sd']:.4f}"
         rows.append([p["label"], "Keras (seed's code)" if p["side"] == "keras" else "ours",
-                     p["precision"] or "-", p["seeds"], fmt(p["minutes"], 2), acc,
+                     p["machine"], p["precision"] or "-", p["seeds"], fmt(p["minutes"], 2), acc,
                      fmt(p["peak_mib"], 0), "yes" if p["frontier"] else ""])
-    return table(["recipe", "side", "precision", "seeds", "training min", "test acc.",
+    return table(["recipe", "side", "machine", "precision", "seeds", "training min", "test acc.",
                   "peak MiB", "frontier"], rows)
 
 
+def measured_on(points: list[dict]) -> str:
+    """", measured 2026-11-29, 2026-11-30" for recorded points; "" for runs read now."""
+    dates = sorted({p["measured"] for p in points if p.get("measured")})
+    return f", measured {', '.join(dates)}" if dates else ""
+
+
+MACHINE_COLOURS = ["tab:blue", "tab:green", "tab:purple", "tab:brown"]
+
+
 def draw_frontier(points: list[dict], path: Path, title: str) -> Path:
+    """Accuracy against training minutes (log scale): ours in one colour per machine, with
+    that machine's frontier as a step line; the seed's Keras points, each with an arrow to our
+    point of the same model measured on the same machine."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    ours = sorted((p for p in points if p["side"] == "ours"), key=lambda p: p["minutes"])
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
     keras = [p for p in points if p["side"] == "keras"]
-    by_label = {p["label"]: p for p in ours}
-    for k in keras:  # the same model, the seed's code to ours
-        if k["label"] in by_label:
-            o = by_label[k["label"]]
-            ax.annotate("", xy=(o["minutes"], o["accuracy"]), xytext=(k["minutes"], k["accuracy"]),
-                        arrowprops={"arrowstyle": "->", "color": "0.6", "lw": 1})
-    front = [p for p in ours if p["frontier"]]
-    ax.step([p["minutes"] for p in front], [p["accuracy"] for p in front], where="post",
-            color="tab:blue", alpha=0.4, lw=1.5, label="frontier (ours)")
-    ax.errorbar([p["minutes"] for p in ours], [p["accuracy"] for p in ours],
-                yerr=[p["accuracy_sd"] or 0 for p in ours], fmt="o", color="tab:blue",
-                capsize=3, label="ours (mean ± sd over seeds)")
-    ax.plot([p["minutes"] for p in keras], [p["accuracy"] for p in keras], "s",
-            mfc="none", color="tab:orange", ms=8, label="the seed's Keras code")
-    for p in ours + keras:
-        ax.annotate(p["label"], (p["minutes"], p["accuracy"]), textcoords="offset points",
-                    xytext=(6, -10 if p["side"] == "keras" else 5), fontsize=8,
-                    color="tab:orange" if p["side"] == "keras" else "tab:blue")
+    machines = list(dict.fromkeys(p["machine"] for p in points if p["side"] == "ours"))
+    colour = {m: MACHINE_COLOURS[i % len(MACHINE_COLOURS)] for i, m in enumerate(machines)}
+    ours_by_machine = {m: sorted((p for p in points if p["side"] == "ours" and p["machine"] == m),
+                                 key=lambda p: p["minutes"]) for m in machines}
+    for machine, ours in ours_by_machine.items():
+        by_label = {p["label"]: p for p in ours}
+        for k in keras:  # the same model on the same machine: the seed's code to ours
+            o = by_label.get(k["label"]) if k["machine"] == machine else None
+            if o:
+                ax.annotate("", xy=(o["minutes"], o["accuracy"]),
+                            xytext=(k["minutes"], k["accuracy"]),
+                            arrowprops={"arrowstyle": "->", "color": "0.6", "lw": 1})
+        front = [p for p in ours if p["frontier"]]
+        ax.step([p["minutes"] for p in front], [p["accuracy"] for p in front], where="post",
+                color=colour[machine], alpha=0.35, lw=1.5)
+        ax.errorbar([p["minutes"] for p in ours], [p["accuracy"] for p in ours],
+                    yerr=[p["accuracy_sd"] or 0 for p in ours], fmt="o", color=colour[machine],
+                    capsize=3, label=f"ours, {machine}{measured_on(ours)}")
+        for p in ours:
+            ax.annotate(p["label"], (p["minutes"], p["accuracy"]), textcoords="offset points",
+                        xytext=(6, 5), fontsize=7.5, color=colour[machine])
+    if keras:
+        ax.plot([p["minutes"] for p in keras], [p["accuracy"] for p in keras], "s", mfc="none",
+                color="tab:orange", ms=8, label=f"the seed's Keras code, {keras[0]['machine']}")
+        for p in keras:
+            ax.annotate(p["label"], (p["minutes"], p["accuracy"]), textcoords="offset points",
+                        xytext=(-7, 4), ha="right", fontsize=7.5, color="tab:orange")
     ax.set_xscale("log")
     ax.set_xlabel("training minutes (log scale)")
     ax.set_ylabel("test accuracy")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8,
+              title="dots: mean ± sd over seeds; lines: each machine's frontier",
+              title_fontsize=7.5)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -259,15 +325,17 @@ def draw_frontier(points: list[dict], path: Path, title: str) -> Path:
 def frontier_main(args) -> int:
     try:
         runs = finished_runs(args.frontier)
+        recorded = [p for f in args.recorded for p in recorded_points(f)]
     except UserError as exc:
         print(f"time_to_accuracy.py: error: {exc}", file=sys.stderr)
         return 2
-    points = mark_frontier(points_from_runs(runs) + keras_points())
+    points = mark_frontier(points_from_runs(runs, args.machine) + recorded + keras_points())
     print(frontier_table(points))
     figure = draw_frontier(points, args.figure, args.title)
     print(f"\nwrote {figure}")
     write_result(args.out, {"benchmark": "frontier", "machine": machine_info(),
-                            "runs": [str(d) for d in args.frontier], "points": points})
+                            "runs": [str(d) for d in args.frontier],
+                            "recorded": [str(f) for f in args.recorded], "points": points})
     return 0
 
 
@@ -298,6 +366,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--frontier", nargs="+", type=Path, metavar="DIR",
                    help="train nothing: the frontier of these finished runs (run or study "
                         "directories)")
+    p.add_argument("--recorded", nargs="+", type=Path, default=[], metavar="FILE",
+                   help="with --frontier: points measured earlier, on their own machine "
+                        "(e.g. benchmarks/frontier_reference.toml)")
+    p.add_argument("--machine", default=None,
+                   help="with --frontier: the machine the runs were trained on (default: "
+                        "this machine and its CPU capability)")
     p.add_argument("--figure", type=Path, default=None,
                    help="the frontier figure (default: the JSON result's path, as .png)")
     p.add_argument("--title", default="Fashion-MNIST: test accuracy against training time, "
@@ -306,6 +380,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.out = args.out or OUT_DIR / ("frontier.json" if args.frontier else
                                       "time_to_accuracy.json")
     args.figure = args.figure or args.out.with_suffix(".png")
+    args.machine = args.machine or this_machine()
     if args.smoke:
         args.recipes = args.recipes or ["seed-model1"]
         args.subset, args.epochs, args.seeds, args.test_images = 512, 1, [0], 1000

@@ -102,12 +102,23 @@ def test_frontier_of_finished_runs(tmp_path, real_data):
     fc.train("seed-model1", tmp_path / "m1", data=real_data, progress=False, plots=False,
              epochs=1, subset=500)
     (study / "not-a-run").mkdir()
+    # a point recorded on another machine, faster and more accurate than any run here: it is
+    # drawn, but compared only with points of its own machine
+    recorded = tmp_path / "recorded.toml"
+    recorded.write_text('machine = "elsewhere"\n[[point]]\nlabel = "fast"\nprecision = "bf16"\n'
+                        'seeds = 3\naccuracy = 0.99\naccuracy_sd = 0.001\ntrain_seconds = 1\n'
+                        'measured = "2026-11-29"\nsource = "RESULTS.md"\n')
     out = tmp_path / "frontier.json"
     done = subprocess.run([sys.executable, str(BENCHMARKS / "time_to_accuracy.py"),
-                           "--frontier", str(study), str(tmp_path / "m1"), "--out", str(out)],
+                           "--frontier", str(study), str(tmp_path / "m1"), "--out", str(out),
+                           "--recorded", str(recorded), "--machine", "here"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     points = {(p["label"], p["side"]): p for p in json.loads(out.read_text())["points"]}
+    elsewhere = points[("fast", "ours")]
+    assert elsewhere["machine"] == "elsewhere" and elsewhere["frontier"]
+    assert elsewhere["minutes"] == pytest.approx(1 / 60) and elsewhere["seeds"] == 3
+    assert points[("seed-dense", "ours")]["machine"] == "here"
     dense, model1 = points[("seed-dense", "ours")], points[("seed-model1", "ours")]
     accuracies = [json.loads((study / f"dense-seed{s}" / "metrics.json").read_text())
                   ["test_accuracy"] for s in (0, 1)]
@@ -123,6 +134,22 @@ def test_frontier_of_finished_runs(tmp_path, real_data):
                               "--frontier", str(tmp_path / "nowhere")],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "not a directory" in missing.stderr
+    recorded.write_text('machine = "elsewhere"\n[[point]]\nlabel = "fast"\naccuracy = "high"\n')
+    bad = subprocess.run([sys.executable, str(BENCHMARKS / "time_to_accuracy.py"),
+                          "--frontier", str(study), "--recorded", str(recorded)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "recorded.toml: point 1: `precision`" in bad.stderr
+
+
+def test_the_reference_machines_recorded_points_read():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from time_to_accuracy import recorded_points
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    points = recorded_points(BENCHMARKS / "frontier_reference.toml")
+    assert {p["label"] for p in points} >= {"seed-model1", "seed-model4", "fast", "best"}
+    assert all(p["machine"] == "AVX-512 machine" and 0.85 < p["accuracy"] < 1 for p in points)
 
 
 def check_vs_keras(result: dict, with_keras: bool) -> None:
