@@ -79,7 +79,9 @@ def test_a_jpeg_folder_trains_within_a_point_of_the_png_folder(fashion_files, pn
     jpg = run.train("seed-model1", tmp_path / "jpg", **FOLDER_RUN,
                     **{"data.dataset": str(fashion_files / "jpg"), "data.order": "stored"})
     png_accuracy = fc.RunDir(png_run).read_metrics()["test_accuracy"]
-    assert abs(png_accuracy - jpg.metrics["test_accuracy"]) <= 0.01
+    # within one point inclusive (5 of the 500 test images); 1e-9 absorbs float rounding
+    # (0.73 - 0.72 is 0.010000000000000009)
+    assert abs(png_accuracy - jpg.metrics["test_accuracy"]) <= 0.01 + 1e-9
 
 
 @pytest.fixture(scope="module")
