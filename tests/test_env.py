@@ -51,6 +51,7 @@ def test_report_holds_each_item(report):
     assert report["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert report["kernels_compiled"] == kernels.available()
     assert report["kernels_status"] == kernels.status() != ""
+    assert report["fused_layers"] is kernels.fused_layers_pay_off()
     try:
         assert report["data_dir"] == str(fdata.find_data_dir())
         assert report["data_dir_error"] is None
@@ -73,6 +74,9 @@ def test_env_command_prints_each_item_as_text_and_json(capsys):
                   report["kernels_status"].removeprefix("C kernels: "),
                   f"{report['cpu_threads']} (of", str(report["cpu_capability"])):
         assert value in text
+    fused = report["fused_layers"]
+    assert "fused layers" in text
+    assert ("on (first" in text) is fused and ("off: " in text) is not fused
     for seen in report["devices"]:
         assert seen in text
     for reason in report["precisions"]["cpu"].values():
