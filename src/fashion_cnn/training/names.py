@@ -77,7 +77,9 @@ def check_checkpoint_pattern(pattern: str, setting: str = "checkpoint.filename")
                         setting=setting)
 
     def refuse(why: str) -> SpecError:
-        return SpecError(f"[checkpoint] filename {_shown(pattern)}: {why}", setting=setting)
+        # one line whatever a library's message quotes (parts of the pattern are shown escaped)
+        return SpecError(f"[checkpoint] filename {_shown(pattern)}: {' '.join(why.splitlines())}",
+                         setting=setting)
 
     if len(pattern) > PATTERN_NAME_LIMIT:  # its names would be longer still
         raise refuse(f"a pattern has at most {PATTERN_NAME_LIMIT} characters")
@@ -91,7 +93,8 @@ def check_checkpoint_pattern(pattern: str, setting: str = "checkpoint.filename")
             continue
         if field not in PATTERN_FIELDS:
             known = ", ".join("{" + f + "}" for f in PATTERN_FIELDS[1:])
-            raise refuse(f"{{{field}}} is not a field it fills; a name may use only {{epoch}} "
+            raise refuse(f"{_shown('{' + field + '}')} is not a field it fills; a name may "
+                         f"use only {{epoch}} "
                          f"and the epoch's logs ({known}), e.g. \"model1_{{epoch:02d}}\"")
         if "{" in spec or "}" in spec:
             raise refuse("a format spec inside a format spec is not supported")
