@@ -321,3 +321,39 @@ def test_separable_conv2d_counts_shapes_and_initialises_as_keras():
     manual = torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, depthwise.weight, groups=32),
                                         pointwise.weight, pointwise.bias)
     torch.testing.assert_close(separable(x), manual)
+
+
+def _keras_same_pool(x, k: int, s: int, kind: str) -> torch.Tensor:
+    """Keras/TensorFlow 'same' pooling of one (H, W) map, window by window: ceil(H / s)
+    outputs, the padding split with the odd row/column after, padded values ignored."""
+    h, w = x.shape
+    oh, ow = -(-h // s), -(-w // s)
+    top = max((oh - 1) * s + k - h, 0) // 2
+    left = max((ow - 1) * s + k - w, 0) // 2
+    out = torch.empty(oh, ow)
+    for i in range(oh):
+        for j in range(ow):
+            r, c = i * s - top, j * s - left
+            window = x[max(r, 0):min(r + k, h), max(c, 0):min(c + k, w)]
+            out[i, j] = window.max() if kind == "max" else window.mean()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["max", "average"])
+@pytest.mark.parametrize("size", [5, 6, 7, 8])
+@pytest.mark.parametrize("pool", [1, 2, 3])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_same_pooling_has_keras_windows(kind, size, pool, stride):
+    # e.g. 2x2 stride 1 on 6x6 gives 6x6 in Keras (PyTorch's ceil_mode: 5x5), and a 3x3
+    # stride 3 pool on 7x7 pads a row before and after (ceil_mode: two after)
+    layer_type = "MaxPooling2D" if kind == "max" else "AveragePooling2D"
+    spec = parse_spec({"name": "p", "input_shape": [size, size, 1], "layers": [
+        {"type": layer_type, "pool_size": pool, "strides": stride, "padding": "same"},
+        {"type": "Flatten"}, {"type": "Dense", "units": 2}]})
+    model = build_model(spec, seed=0).eval()
+    x = torch.randn(2, 1, size, size)
+    pooled = model.layers[0](x)
+    for image in range(2):
+        torch.testing.assert_close(pooled[image, 0], _keras_same_pool(x[image, 0], pool,
+                                                                      stride, kind))
+    assert model(x).shape == (2, 2)  # the inferred shape is the computed one

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.build import KerasSequential, with_relu
+from ..models.modules import KerasSamePool2d
 from ..models.cpu_pass import is_accelerated, plain
 from ..models.modules import SeparableConv2d
 from ..training.loop import module_device
@@ -121,7 +122,8 @@ def _output_hook(model: nn.Module, module: nn.Module, store: list):
 
 # Layers between a Conv2D without an activation of its own and the activation of its block
 # (fastnet: Conv2D, MaxPooling2D, BatchNormalization, Activation): shape-keeping or pooling.
-_BLOCK_STEPS = (nn.MaxPool2d, nn.AvgPool2d, nn.BatchNorm2d, nn.Dropout, nn.Dropout2d)
+_BLOCK_STEPS = (nn.MaxPool2d, nn.AvgPool2d, KerasSamePool2d, nn.BatchNorm2d, nn.Dropout,
+                nn.Dropout2d)
 
 
 def _block_output(model: nn.Module, module: nn.Module) -> nn.Module:

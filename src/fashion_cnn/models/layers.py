@@ -21,8 +21,8 @@ from torch import nn
 
 from ..errors import SpecError
 from .args import REQUIRED, coerce, shown
-from .modules import (Dropout, Flatten, KerasConv2d, KerasDense, Residual, SeparableConv2d,
-                      activation_module, keras_init)
+from .modules import (Dropout, Flatten, KerasConv2d, KerasDense, KerasSamePool2d, Residual,
+                      SeparableConv2d, activation_module, keras_init, keras_same_pads)
 
 
 @dataclass
@@ -271,12 +271,28 @@ def _pool_window(layer: LayerSpec) -> Window | None:
     return (a["pool_size"], a["strides"] or a["pool_size"]) if a["padding"] == "valid" else None
 
 
+def _ceil_mode_out(size: int, kernel: int, stride: int) -> int:
+    """Windows along one axis of PyTorch's pooling with ceil_mode and no padding."""
+    out = -(-(size - kernel) // stride) + 1
+    return out - 1 if (out - 1) * stride >= size else out
+
+
 def _pool_build(layer: LayerSpec, build_child) -> nn.Module:
     a = layer.args
-    cls = nn.MaxPool2d if layer.type == "MaxPooling2D" else nn.AvgPool2d
-    # Keras 'same' pooling pads at the end only: ceil_mode gives the same windows.
-    return cls(a["pool_size"], stride=a["strides"] or a["pool_size"],
-               ceil_mode=a["padding"] == "same")
+    strides = a["strides"] or a["pool_size"]
+    is_max = layer.type == "MaxPooling2D"
+    if a["padding"] == "same":
+        h, w, _ = layer.input_shape
+        left, _, top, _ = keras_same_pads((h, w), a["pool_size"], strides)
+        # ceil_mode's windows are Keras' where Keras pads at the end only and both count as
+        # many windows (2x2 pools with stride 2, the common case): PyTorch's own pool, which
+        # the CPU pass's kernels recognise; else the input padded as Keras pads it
+        if (left, top) != (0, 0) or any(
+                _ceil_mode_out(size, k, s) != conv_out(size, k, s, "same")
+                for size, k, s in zip((h, w), a["pool_size"], strides)):
+            return KerasSamePool2d("max" if is_max else "average", a["pool_size"], strides, (h, w))
+    cls = nn.MaxPool2d if is_max else nn.AvgPool2d
+    return cls(a["pool_size"], stride=strides, ceil_mode=a["padding"] == "same")
 
 
 _POOL = {"pool_size": (2, "pair"), "strides": (None, "pair"), "padding": ("valid", "padding")}

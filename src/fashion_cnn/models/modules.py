@@ -54,6 +54,44 @@ def keras_init(tensor: torch.Tensor, name: str, fan_in: int, fan_out: int, gener
             raise ValueError(name)
 
 
+def keras_same_pads(input_hw: tuple[int, int], kernel: tuple[int, int],
+                    strides: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Keras' (TensorFlow's) 'same' padding as F.pad's (left, right, top, bottom): enough for
+    ceil(size / stride) outputs along each axis, the odd one at the bottom/right."""
+    pads = []
+    for size, k, s in zip(input_hw, kernel, strides):
+        total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+        pads.append((total // 2, total - total // 2))
+    (top, bottom), (left, right) = pads
+    return left, right, top, bottom
+
+
+class KerasSamePool2d(nn.Module):
+    """MaxPooling2D or AveragePooling2D with padding='same' where PyTorch's ceil_mode windows
+    are not Keras' (a stride smaller than the pool, or a padding of 2 or more that Keras
+    splits before and after): the input padded as Keras pads it, the maximum taken over the
+    real values only (padding -inf), the average over the real values in each window."""
+
+    def __init__(self, kind: str, pool_size: tuple[int, int], strides: tuple[int, int],
+                 input_hw: tuple[int, int]):
+        super().__init__()
+        self.kind, self.pool_size, self.stride = kind, tuple(pool_size), tuple(strides)
+        self.pads = keras_same_pads(input_hw, pool_size, strides)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "max":
+            return F.max_pool2d(F.pad(x, self.pads, value=float("-inf")), self.pool_size,
+                                self.stride)
+        # the mean of the real values: window sums over the count of real values in each
+        # window (a padded ones map, (1, 1, H, W), pooled the same way)
+        ones = F.pad(torch.ones_like(x[:1, :1]), self.pads)
+        return (F.avg_pool2d(F.pad(x, self.pads), self.pool_size, self.stride)
+                / F.avg_pool2d(ones, self.pool_size, self.stride))
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, pool_size={self.pool_size}, stride={self.stride}, pads={self.pads}"
+
+
 class KerasConv2d(nn.Conv2d):
     """Conv2D with Keras' 'same' padding for any stride (extra row/column at bottom/right)."""
 
@@ -65,12 +103,10 @@ class KerasConv2d(nn.Conv2d):
                          bias=bias, groups=groups)
         self.same_pad = None
         if padding == "same":
-            h, w = input_hw
-            pad_h = max((math.ceil(h / sh) - 1) * sh + kh - h, 0)
-            pad_w = max((math.ceil(w / sw) - 1) * sw + kw - w, 0)
-            self.same_pad = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
-            if pad_h % 2 == 0 and pad_w % 2 == 0:  # symmetric: let the conv pad (faster)
-                self.padding, self.same_pad = (pad_h // 2, pad_w // 2), None
+            self.same_pad = keras_same_pads(input_hw, (kh, kw), (sh, sw))
+            left, right, top, bottom = self.same_pad
+            if left == right and top == bottom:  # symmetric: let the conv pad (faster)
+                self.padding, self.same_pad = (top, left), None
 
     def forward(self, x):
         if self.same_pad is not None:
