@@ -3,7 +3,7 @@ than through PyTorch's own layers on this CPU?
 
 For each recipe, one trainer with the model's fused kernels on and one with them off (the rest
 of the CPU pass, Adam's C pass included, in both), alternating in rounds; ms per step, medians.
-The default (kernels.fused_layers_pay_off: AVX-512 CPUs only) should pick the faster one.
+The default (kernels.fused_layers_pay_off: AVX2 and AVX-512 CPUs) should pick the faster one.
 
     .venv/bin/python benchmarks/fused_kernels.py                 # a few minutes
     .venv/bin/python benchmarks/fused_kernels.py --smoke         # seconds: checks the script

@@ -8,9 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

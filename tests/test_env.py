@@ -52,6 +52,7 @@ def test_report_holds_each_item(report):
     assert report["kernels_compiled"] == kernels.available()
     assert report["kernels_status"] == kernels.status() != ""
     assert report["fused_layers"] is kernels.fused_layers_pay_off()
+    assert report["fused_layers_note"].startswith("on" if report["fused_layers"] else "off")
     try:
         assert report["data_dir"] == str(fdata.find_data_dir())
         assert report["data_dir_error"] is None

@@ -272,7 +272,7 @@ def test_switching_kernels_off_reaches_the_dropout_layers():
     from fashion_cnn.models.cpu_pass import CpuDropout
 
     model = accelerate(build_model(get_model_spec("model2"), seed=0))
-    model.use_fused_kernels = True  # the default only on AVX-512 CPUs
+    model.use_fused_kernels = True  # the default only on AVX2 and AVX-512 CPUs
     layers = [m for m in model.modules() if isinstance(m, CpuDropout)]
     assert len(layers) == 2 and model.runs_fused_dropout
     model.use_fused_kernels = False
@@ -337,7 +337,7 @@ def test_model_training_step_is_the_same_with_the_pool_kernel(name, precision):
     from fashion_cnn.devices import autocast
 
     model = accelerate(build_model(get_model_spec(name), seed=0)).train()
-    model.use_fused_kernels = True  # the default only on AVX-512 CPUs
+    model.use_fused_kernels = True  # the default only on AVX2 and AVX-512 CPUs
     assert model.pools and model.runs_fused_pool
     if name == "model2":  # its second pool takes the ReLU and the Dropout after it
         relu, dropout = model.pools[4]
@@ -362,6 +362,37 @@ def test_model_training_step_is_the_same_with_the_pool_kernel(name, precision):
     assert all(torch.equal(a, b) for a, b in zip(grads_fused, grads_plain))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_vector_width_changes_no_result(tmp_path, monkeypatch, precision):
+    """The kernels take 16 lanes on AVX-512 and 8 elsewhere (simd.h): both widths, built here,
+    give model1's first block and model2's fused pool and dropout the same outputs and
+    gradients bit for bit, so a run trains and resumes alike on either kind of CPU."""
+    import ctypes
+
+    from fashion_cnn.devices import autocast
+
+    compiler = kernels._compiler()
+    libraries = {}
+    for lanes in (8, 16):
+        path = tmp_path / f"kernels-{lanes}.so"
+        kernels.compile_library(compiler, path, (f"-DLANES={lanes}",))
+        libraries[lanes] = kernels.bind(ctypes.CDLL(str(path)))
+    x = images(6, 28, 28, seed=2).contiguous(memory_format=torch.channels_last)
+    for name in ("model1", "model2"):
+        model = accelerate(build_model(get_model_spec(name), seed=0)).train()
+        model.use_fused_kernels = True
+        results = []
+        for library in libraries.values():
+            monkeypatch.setattr(kernels, "_library", library)
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(1)
+            with autocast("cpu", precision):
+                out = model(x)
+            out.float().square().sum().backward()
+            results.append([out.detach()] + [p.grad.clone() for p in model.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*results)), name
+
+
 def test_model2_training_forward_draws_its_masks_as_the_unfused_layers_do():
     """model2 in training: its second pool with the ReLU and Dropout after it, against every
     layer after the first block run apart (kernels on), from one generator state: the fused
@@ -380,14 +411,23 @@ def test_model2_training_forward_draws_its_masks_as_the_unfused_layers_do():
     assert torch.equal(fused, h)
 
 
-def test_fused_kernels_default_to_the_cpus_with_avx512(monkeypatch):
+def test_fused_kernels_default_to_the_cpus_with_avx2_or_avx512(monkeypatch):
     from fashion_cnn.models import kernels
 
     monkeypatch.delenv("FASHION_CNN_FUSED_KERNELS", raising=False)
-    has_avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    assert kernels.fused_layers_pay_off() is has_avx512
-    assert accelerate(build_model(get_model_spec("model2"), seed=0)).use_fused_kernels is has_avx512
+    capability = torch.backends.cpu.get_cpu_capability()
+    measured = capability == "AVX2" or capability.startswith("AVX512")
+    assert kernels.fused_layers_pay_off() is measured
+    assert accelerate(build_model(get_model_spec("model2"), seed=0)).use_fused_kernels is measured
+    assert kernels.fused_layers_note().startswith("on (" if measured else "off: not measured")
+    for capability, expected in (("AVX2", True), ("AVX512", True), ("AVX512_BF16", True),
+                                 ("DEFAULT", False), ("SVE256", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert kernels.fused_layers_pay_off() is expected, capability
+    monkeypatch.undo()
     for forced, expected in (("1", True), ("0", False)):
         monkeypatch.setenv("FASHION_CNN_FUSED_KERNELS", forced)
         model = accelerate(build_model(get_model_spec("model2"), seed=0))
         assert model.use_fused_kernels is expected and model.runs_fused_pool is expected
+        assert kernels.fused_layers_note() == f"{'on' if expected else 'off'} " \
+                                              f"(FASHION_CNN_FUSED_KERNELS={forced})"

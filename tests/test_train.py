@@ -57,7 +57,7 @@ def test_run_directory_contents_and_evaluate_reproduces_metrics(real_data, tmp_p
         assert key in metrics
     assert metrics["params"] == 93322 and metrics["epochs"] == 2
     from fashion_cnn.models import kernels
-    fused_layers = kernels.available() and kernels.fused_layers_pay_off()  # AVX-512 CPUs
+    fused_layers = kernels.available() and kernels.fused_layers_pay_off()  # AVX2, AVX-512
     assert metrics["fused_first_block"] is fused_layers  # model1 opens with the block
     assert metrics["fused_adam"] is kernels.available()  # Keras' Adam, float32 weights
     assert metrics["fused_pool"] is fused_layers         # its second max pool

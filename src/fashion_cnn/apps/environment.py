@@ -87,6 +87,7 @@ def environment_report() -> dict:
         "kernels_compiled": kernels.available(),  # compiles them on the first call
         "kernels_status": kernels.status(),
         "fused_layers": kernels.fused_layers_pay_off(),  # the default of every CPU model
+        "fused_layers_note": kernels.fused_layers_note(),
         "data_dir": data_dir,
         "data_dir_error": data_error,
         "cache_dir": str(cache_root()),
@@ -119,9 +120,7 @@ def format_environment(report: dict) -> str:
         _line("cpu threads", f"{report['cpu_threads']} (of {report['cpu_count']} logical "
                              f"cores; capability {report['cpu_capability']})"),
         _line("C kernels", report["kernels_status"].removeprefix("C kernels: ")),
-        _line("fused layers", "on (first block, max pool, dropout)" if report["fused_layers"]
-              else "off: PyTorch's layers are faster on a CPU without AVX-512 "
-                   "(FASHION_CNN_FUSED_KERNELS=1 forces them)"),
+        _line("fused layers", report["fused_layers_note"]),
         _line("data", report["data_dir"] or f"not found: {report['data_dir_error']}"),
         _line("cache", report["cache_dir"]),
     ]

@@ -10,8 +10,8 @@ parameters and state_dict:
 - the first block conv -> pool -> ReLU in one pass (kernels.conv1_pool_relu) when no gradient
   is needed, 2x2 max pools with their ReLU and Dropout in one pass (kernels.max_pool2),
   dropout as a hashed mask recomputed in the backward pass (kernels.dropout): on CPUs with
-  AVX-512 by default, where they are faster (kernels.fused_layers_pay_off; the model's
-  `use_fused_kernels` switches them);
+  AVX-512 or AVX2 by default, where they are faster (kernels.fused_layers_pay_off; the
+  model's `use_fused_kernels` switches them);
 - without a C compiler, dropout masks as 15-bit integers from 64-bit random words;
 - the small-output convolution's bf16 weight gradient as one matrix product, small Dense
   training calls in float32 under bf16 autocast (oneDNN's per-call set-up dominates there);
@@ -103,7 +103,7 @@ class CpuSequential(KerasSequential):
         # rows, and computing the convolution outputs that lead only there is wasted work
         # (model1: 26 x 26 of 28 x 28, 15 % of its arithmetic). forward() crops them away.
         self.input_crop = self.spec.input_crop
-        # the fused kernels only where they are faster than PyTorch's layers (AVX-512 CPUs)
+        # the fused kernels only where they are faster than PyTorch's layers (AVX-512 and AVX2)
         self.use_fused_kernels = kernels.fused_layers_pay_off()
 
     @property

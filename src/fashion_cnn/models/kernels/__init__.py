@@ -47,7 +47,12 @@ HEADERS = [Path(__file__).with_name("simd.h")]  # included by the sources: part 
 # -fno-math-errno: sqrtf without errno, so that adam.c's loop vectorizes (2x faster)
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 COMPILE_TIMEOUT_S = 120
-LANES = 16  # as in conv1_pool.c: the kernel takes the channels in blocks of 16
+# Channels go in blocks of LANES in the C kernels: 16 on AVX-512, 8 elsewhere (simd.h). A
+# multiple of 16 suits both, so a model takes the same kernels on every CPU.
+LANES = 16
+# PyTorch's CPU capabilities where the fused layers were measured faster than its own
+# (benchmarks/RESULTS.md, "fused kernels"): AVX-512 ("AVX512") and AVX2-only CPUs
+FUSED_CAPABILITIES = ("AVX2", "AVX512")
 DROPOUT_DTYPES = (torch.float32, torch.bfloat16)
 
 _library: ctypes.CDLL | None = None
@@ -85,16 +90,22 @@ def _build(compiler: str) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=".fashion_cnn_kernels-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, "-o", tmp_name, *map(str, SOURCES)],
-                                capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-        if result.returncode != 0:
-            first = (result.stderr.strip().splitlines() or ["(no message)"])[0]
-            raise RuntimeError(f"{compiler} failed: {first}")
+        compile_library(compiler, Path(tmp_name))
         os.replace(tmp_name, target)
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
     return target
+
+
+def compile_library(compiler: str, target: Path, extra_flags: tuple[str, ...] = ()) -> None:
+    """Compile SOURCES into the shared library `target` (extra_flags: e.g. "-DLANES=16")."""
+    result = subprocess.run([compiler, *FLAGS, *extra_flags, "-o", str(target),
+                             *map(str, SOURCES)],
+                            capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+    if result.returncode != 0:
+        first = (result.stderr.strip().splitlines() or ["(no message)"])[0]
+        raise RuntimeError(f"{compiler} failed: {first}")
 
 
 def _load() -> ctypes.CDLL | None:
@@ -113,10 +124,16 @@ def _load() -> ctypes.CDLL | None:
         return None
     try:
         path = _build(compiler)
-        library = ctypes.CDLL(str(path))
+        library = bind(ctypes.CDLL(str(path)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _status = f"C kernels: off ({exc})"
         return None
+    _library, _status = library, f"C kernels: compiled ({path})"
+    return _library
+
+
+def bind(library: ctypes.CDLL) -> ctypes.CDLL:
+    """The library with its functions' argument and result types declared."""
     i64, f32p, u8p = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
     flag = ctypes.c_int  # 1: out / grad_out are bfloat16
     library.conv1_pool_relu_forward.argtypes = [f32p, f32p, f32p, f32p, flag, u8p,
@@ -138,8 +155,7 @@ def _load() -> ctypes.CDLL | None:
     for name in ("conv1_pool_relu_forward", "conv1_pool_relu_backward", "max_pool2_forward",
                  "max_pool2_backward", "dropout", "adam_update"):
         getattr(library, name).restype = None
-    _library, _status = library, f"C kernels: compiled ({path})"
-    return _library
+    return library
 
 
 def available() -> bool:
@@ -150,14 +166,26 @@ def available() -> bool:
 def fused_layers_pay_off() -> bool:
     """Whether a model's layers should take the fused kernels (conv1_pool, max_pool, dropout)
     by default on this CPU: FASHION_CNN_FUSED_KERNELS=1 or 0 decides where it is set;
-    otherwise only a CPU with AVX-512. The kernels' 16-lane vectors are one AVX-512 register
-    and two AVX2 ones; on an AVX2-only CPU they spill registers, and a seed-model1 step there
-    is measured slower with them than through PyTorch's own layers (benchmarks/RESULTS.md,
-    "fused kernels on an AVX2 CPU"). adam.c, a plain loop, stays in use everywhere."""
+    otherwise a CPU with AVX-512 or AVX2, where the seed recipes' steps are measured faster
+    with them (benchmarks/RESULTS.md, "fused kernels"). Elsewhere (ARM, x86 without AVX2)
+    nobody has measured them, and PyTorch's layers stay. adam.c, a plain loop, stays in use
+    everywhere."""
     forced = os.environ.get("FASHION_CNN_FUSED_KERNELS")
     if forced in ("0", "1"):
         return forced == "1"
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return torch.backends.cpu.get_cpu_capability().startswith(FUSED_CAPABILITIES)
+
+
+def fused_layers_note() -> str:
+    """fused_layers_pay_off's answer in words, and why (`fashion-cnn env`'s "fused layers")."""
+    forced = os.environ.get("FASHION_CNN_FUSED_KERNELS")
+    if forced in ("0", "1"):
+        return f"{'on' if forced == '1' else 'off'} (FASHION_CNN_FUSED_KERNELS={forced})"
+    if fused_layers_pay_off():
+        return "on (first block, max pool, dropout)"
+    return (f"off: not measured faster than PyTorch's layers on this CPU "
+            f"({torch.backends.cpu.get_cpu_capability()}, neither AVX2 nor AVX-512); "
+            f"FASHION_CNN_FUSED_KERNELS=1 forces them")
 
 
 def status() -> str:

@@ -26,8 +26,8 @@
  * convolution output is dropped, as MaxPooling2D with 'valid' padding does).
  *
  * c must be a multiple of LANES: the channels are processed in blocks of LANES as GCC/Clang
- * vectors (one AVX-512 register, two AVX2 ones), and a window's four positions are summed in
- * four such vectors across the taps.
+ * vectors (one register: simd.h), and a window's four positions are summed in four such
+ * vectors across the taps.
  *
  * Parallel over images with OpenMP; the library shares torch's OpenMP runtime (same soname).
  */

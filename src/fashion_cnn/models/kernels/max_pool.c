@@ -24,7 +24,7 @@
  *
  * Values and gradients are those of max_pool2d, then relu, then kernels.dropout on the
  * channels_last pooled tensor (its mask by each pooled value's index in memory order, see
- * dropout_lanes16 in simd.h), so fusing changes nothing in training: the max of bfloat16
+ * dropout_lanes in simd.h), so fusing changes nothing in training: the max of bfloat16
  * values is one of them, and the dropout multiply (where `dropout` is 1) rounds as dropout.c
  * does.
  *
@@ -72,7 +72,7 @@ forward_block(const void *x, void *out, uint8_t *winner, int64_t p, int64_t c0, 
         arg = (arg & pass) | (NO_WINNER & ~pass);
     }
     if (d->on)  /* rounded once, by the store, as dropout.c */
-        best *= dropout_factor16(d->seed, p * c + c0, d->keep_threshold, d->scale);
+        best *= dropout_factor(d->seed, p * c + c0, d->keep_threshold, d->scale);
     store_any(out, p * c + c0, bf16, best);  /* bfloat16: exact unless the dropout scaled */
     if (winner) {
         const vbyte code = __builtin_convertvector(arg, vbyte);
@@ -102,7 +102,7 @@ backward_block(const void *grad_out, const uint8_t *winner, void *grad_in, int64
 {
     vfloat grad = load_any(grad_out, p * c + c0, bf16);
     if (d->on) {
-        grad *= dropout_factor16(d->seed, p * c + c0, d->keep_threshold, d->scale);
+        grad *= dropout_factor(d->seed, p * c + c0, d->keep_threshold, d->scale);
         if (bf16)
             grad = round_bf16(grad);  /* as dropout.c's bfloat16 backward pass */
     }

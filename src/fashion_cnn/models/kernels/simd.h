@@ -1,6 +1,11 @@
-/* Sixteen-lane vectors (one AVX-512 register, two AVX2 ones) as GCC/Clang vector types, and
- * the float32 <-> bfloat16 conversions and dropout mask the kernels share. Included by
- * conv1_pool.c, max_pool.c and dropout.c.
+/* Vectors of LANES floats as GCC/Clang vector types, and the float32 <-> bfloat16 conversions
+ * and dropout mask the kernels share. Included by conv1_pool.c, max_pool.c and dropout.c.
+ *
+ * LANES is one register of the target: 16 where the compiler targets AVX-512 (-march=native on
+ * such a CPU), 8 elsewhere (one AVX2 register). Sixteen lanes on AVX2 take two registers each,
+ * and the first block's accumulators then spill (benchmarks/RESULTS.md, "fused kernels on an
+ * AVX2 CPU"). The results do not depend on LANES: every value is computed lane by lane, and
+ * the dropout mask of an element depends only on its index.
  */
 
 #ifndef FASHION_CNN_SIMD_H
@@ -9,7 +14,13 @@
 #include <stdint.h>
 #include <string.h>
 
+#ifndef LANES  /* -DLANES=N builds another width (tests/test_kernels.py compares them) */
+#if defined(__AVX512F__)
 #define LANES 16
+#else
+#define LANES 8
+#endif
+#endif
 #define NO_WINNER 255  /* winner code: the ReLU zeroed the pooled value, no gradient */
 
 typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
@@ -78,7 +89,7 @@ static inline vfloat pick(vint mask, vfloat a, vfloat b)
 /* The dropout mask (dropout.c has its definition): element e is kept by lane e % 4 of
    word(e / 4) = splitmix64(seed + (e / 4 + 1) * MASK_GOLDEN), splitmix64's output function
    being MASK_MIX on a vector of 64-bit words (any width: dropout.c mixes 16 words at a time,
-   the fused kernels 4). */
+   the fused kernels LANES / 4). */
 #define MASK_GOLDEN 0x9E3779B97F4A7C15ULL
 #define MASK_MIX(z)                                    \
     do {                                               \
@@ -87,14 +98,16 @@ static inline vfloat pick(vint mask, vfloat a, vfloat b)
         z = z ^ (z >> 31);                             \
     } while (0)
 
-typedef uint64_t vword4 __attribute__((vector_size(4 * sizeof(uint64_t))));
+/* LANES / 4 words of 64 bits: the hash words that cover LANES elements */
+typedef uint64_t vwords __attribute__((vector_size(LANES / 4 * sizeof(uint64_t))));
 
 /* The mask lanes of the LANES elements [first, first + LANES), first a multiple of 4 */
-static inline vhalf dropout_lanes16(uint64_t seed, int64_t first)
+static inline vhalf dropout_lanes(uint64_t seed, int64_t first)
 {
     const uint64_t i = (uint64_t)first / 4 + 1;
-    vword4 z = {seed + i * MASK_GOLDEN, seed + (i + 1) * MASK_GOLDEN,
-                seed + (i + 2) * MASK_GOLDEN, seed + (i + 3) * MASK_GOLDEN};
+    vwords z;
+    for (int q = 0; q < LANES / 4; q++)
+        z[q] = seed + (i + (uint64_t)q) * MASK_GOLDEN;
     MASK_MIX(z);
     vhalf lanes;
     memcpy(&lanes, &z, sizeof lanes);  /* little-endian: lane l of word q is element 4q + l */
@@ -103,10 +116,10 @@ static inline vhalf dropout_lanes16(uint64_t seed, int64_t first)
 
 /* The inverted-dropout factor of those elements: `scale` where the lane is at least
    keep_threshold, else 0 */
-static inline vfloat dropout_factor16(uint64_t seed, int64_t first, uint32_t keep_threshold,
-                                      float scale)
+static inline vfloat dropout_factor(uint64_t seed, int64_t first, uint32_t keep_threshold,
+                                    float scale)
 {
-    const vint keep = __builtin_convertvector(dropout_lanes16(seed, first), vint)
+    const vint keep = __builtin_convertvector(dropout_lanes(seed, first), vint)
                       >= (int32_t)keep_threshold;
     return pick(keep, (vfloat){0} + scale, (vfloat){0});
 }
