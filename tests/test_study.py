@@ -193,7 +193,18 @@ def test_report_table_matches_every_run_metrics(quick_study):
         assert f"(report_files/{figure}.png)" in (quick_study / "report.md").read_text()
 
 
-def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(quick_study, capsys):
+def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(quick_study, capsys,
+                                                                monkeypatch):
+    from fashion_cnn.analysis import study_run
+
+    spawned = []  # the runs given a process of their own: only those with work to do
+    spawn = study_run.run_in_process
+
+    def counting(function, args, log, what):
+        spawned.append(what)
+        return spawn(function, args, log, what)
+
+    monkeypatch.setattr(study_run, "run_in_process", counting)
     stamps = {p: p.stat().st_mtime_ns for p in quick_study.glob("*/metrics.json")}
     before = json.loads((quick_study / "seed-dense" / "metrics.json").read_text())
     capsys.readouterr()
@@ -201,11 +212,13 @@ def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(quick_study, c
     out = capsys.readouterr().out
     assert "6 skipped" in out and out.count("finished already, skipped") == 6
     assert {p: p.stat().st_mtime_ns for p in quick_study.glob("*/metrics.json")} == stamps
+    assert spawned == []
     # An interrupted run: config.toml and checkpoints but no metrics.json -> resumed.
     (quick_study / "seed-dense" / "metrics.json").unlink()
     assert cli.main(["study", "seed", "--out", str(quick_study), *QUICK, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "seed-dense: resuming" in out and "1 resumed, 5 skipped" in out
+    assert spawned == ["run seed-dense"]
     after = json.loads((quick_study / "seed-dense" / "metrics.json").read_text())
     assert after["test_accuracy"] == before["test_accuracy"]  # the same final weights
 

@@ -94,13 +94,18 @@ def _open_study_dir(study: Study, out) -> Path:
     return study_dir
 
 
+def _complete(run_dir: RunDir) -> bool:
+    """Whether the run is finished and has its figures: a study only checks and skips it."""
+    return run_dir.is_finished() and run_dir.plot("confusion_matrix.png").is_file()
+
+
 def _run_one(run_dir: RunDir, cfg: RunConfig, data, progress: bool, log) -> str:
     """Train, resume or skip one run of a study as its directory says; what was done."""
     bind_to_data(cfg, data)  # as the run's own config.toml was: comparable with it
     epochs = f"{cfg.train.epochs} epoch{'s' if cfg.train.epochs > 1 else ''}"
     if run_dir.is_finished():
         _check_run_config(run_dir, cfg)
-        if not run_dir.plot("confusion_matrix.png").is_file():
+        if not _complete(run_dir):
             log("finished; writing its missing figures")
             plots_from_run(run_dir.path, data=data)
             return "figures"
@@ -182,14 +187,16 @@ def run_study(name_or_path: str, out: str | os.PathLike | None = None, *,
     for index, (dir_name, cfg) in enumerate(plan, 1):
         head = f"[{index}/{len(plan)}] {dir_name}"
         run_log = lambda text, head=head: log(f"{head}: {text}")  # noqa: E731
+        run_dir = RunDir(study_dir / dir_name)
         try:
-            if isolate:
-                status = run_in_process(_run_one_loading,
-                                        (RunDir(study_dir / dir_name), cfg, data, progress),
+            # A complete run is only checked and skipped, here: a process of its own would
+            # cost seconds (a fresh interpreter importing torch) to do nothing.
+            if isolate and not _complete(run_dir):
+                loaded.clear()  # this process holds no dataset while a run trains
+                status = run_in_process(_run_one_loading, (run_dir, cfg, data, progress),
                                         run_log, f"run {dir_name}")
             else:
-                status = _run_one(RunDir(study_dir / dir_name), cfg, cached_data(cfg),
-                                  progress, run_log)
+                status = _run_one(run_dir, cfg, cached_data(cfg), progress, run_log)
         except TrainingStopped as stop:
             raise stop.extended(f"; or continue the whole study with: "
                                 f"{study_command(study, study_dir)}") from None
